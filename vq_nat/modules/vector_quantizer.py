@@ -1,0 +1,321 @@
+"""Vector quantization bottleneck: VQ-VAE with hard EM or soft EM codebook learning (Roy et al. 2018).
+
+Notation follows the paper: z_e(x) the encoder output, e_j (j = 1..K) the code embeddings, z_q(x) the
+quantized vector fed to the decoder, c_j and m_j the EMA counts and sums of the M-step.
+
+Plain PyTorch: no fairseq import, so ``image_ae`` and other users can take it alone.
+"""
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import all_reduce_sum, broadcast_, is_distributed
+from .output import QuantizerOutput
+
+logger = logging.getLogger(__name__)
+
+# buffers that must stay fp32 even after module.half() / .bfloat16() (0.001 * count vanishes in fp16)
+_FP32_BUFFERS = ("embed", "ema_count", "ema_sum")
+
+
+class VectorQuantizer(nn.Module):
+    """Discrete bottleneck ``z_e -> z_q`` with a K-entry codebook (optionally K per slice: product quantization).
+
+    Args:
+        num_codes: K, codebook size (per block).
+        dim: size of z_e's last dimension.
+        assignment: ``"hard"`` (nearest code, eq.1: the E-step of hard EM) or ``"soft"`` (draw ``num_samples``
+            codes from Multinomial(logits = -||e_j - z_e||^2 / temperature): the E-step of soft EM, §3.2).
+        num_samples: m, samples per position for soft EM.
+        update: ``"ema"`` (M-step by exponential moving averages of counts and sums, eq.4-5) or ``"grad"``
+            (codebook is an ``nn.Parameter`` trained by the codebook loss of eq.3).
+        decay: lambda of eq.4-5 (0.999 in the paper).
+        epsilon: Laplace smoothing of the EMA counts (1e-5 in the paper).
+        beta: commitment-loss weight (eq.2).
+        num_blocks: product quantization (DVQ, Kaiser et al. 2018): z_e is cut into ``num_blocks`` slices of
+            ``dim / num_blocks``, each quantized with its own K-code codebook.
+        temperature: soft-EM temperature dividing the logits (1 = the paper).
+        kmeans_init: initialise the codebook by k-means on the first training batch (beyond the paper).
+        dead_code_threshold: after each EMA update, codes whose EMA count is below this are re-seeded with
+            random encoder outputs of the batch and their EMA state reset (beyond the paper; 0 = off).
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        assignment: str = "hard",
+        num_samples: int = 10,
+        update: str = "ema",
+        decay: float = 0.999,
+        epsilon: float = 1e-5,
+        beta: float = 0.25,
+        num_blocks: int = 1,
+        temperature: float = 1.0,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+    ):
+        super().__init__()
+        if assignment not in ("hard", "soft"):
+            raise ValueError(f"assignment must be 'hard' or 'soft', got {assignment!r}")
+        if update not in ("ema", "grad"):
+            raise ValueError(f"update must be 'ema' or 'grad', got {update!r}")
+        if dim % num_blocks != 0:
+            raise ValueError(f"dim={dim} is not divisible by num_blocks={num_blocks}")
+        if num_codes < 1 or num_samples < 1:
+            raise ValueError("num_codes and num_samples must be >= 1")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.num_codes = num_codes
+        self.dim = dim
+        self.assignment = assignment
+        self.num_samples = num_samples if assignment == "soft" else 1
+        self.update = update
+        self.decay = decay
+        self.epsilon = epsilon
+        self.beta = beta
+        self.num_blocks = num_blocks
+        self.block_dim = dim // num_blocks
+        self.temperature = temperature
+        self.kmeans_iters = kmeans_iters
+        self.dead_code_threshold = dead_code_threshold
+
+        # uniform unit scaling (as tensor2tensor's codebook initialiser): each code has norm ~1
+        bound = math.sqrt(3.0 / self.block_dim)
+        init = torch.empty(num_blocks, num_codes, self.block_dim).uniform_(-bound, bound)
+        if update == "grad":
+            self.embed = nn.Parameter(init)
+        else:
+            self.register_buffer("embed", init)
+            # c_j starts at 1 and m_j at e_j, so e_j = m_j / c_j holds from the start and a code that is
+            # never used keeps its value instead of being divided by a vanishing count.
+            self.register_buffer("ema_count", torch.ones(num_blocks, num_codes))
+            self.register_buffer("ema_sum", init.clone())
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code embeddings e_j: (num_codes, dim), or (num_blocks, num_codes, dim / num_blocks)."""
+        return self.embed[0] if self.num_blocks == 1 else self.embed
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code indices -> z_q. ``codes``: (...) long (or (..., num_blocks) with product quantization)."""
+        if self.num_blocks == 1:
+            codes = codes.unsqueeze(-1)
+        offsets = torch.arange(self.num_blocks, device=codes.device) * self.num_codes
+        flat = self.embed.reshape(-1, self.block_dim)
+        return F.embedding(codes + offsets, flat).flatten(-2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> QuantizerOutput:
+        if z_e.size(-1) != self.dim:
+            raise ValueError(f"z_e has last dimension {z_e.size(-1)}, expected {self.dim}")
+        lead = z_e.shape[:-1]
+        x = z_e.reshape(-1, self.num_blocks, self.block_dim)  # (N, B, d)
+        n = x.size(0)
+        if padding_mask is None:
+            valid = torch.ones(n, dtype=torch.bool, device=z_e.device)
+        else:
+            if padding_mask.shape != lead:
+                raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != z_e shape[:-1] {tuple(lead)}")
+            valid = ~padding_mask.reshape(-1)
+        with torch.no_grad():
+            finite = torch.isfinite(x).flatten(1).all(-1)
+            if not bool(finite.all()):
+                # never let NaN/inf reach the codebook: such positions are treated as padding
+                logger.warning("VectorQuantizer: %d non-finite encoder outputs excluded from the codebook update",
+                               int((~finite & valid).sum()))
+                valid = valid & finite
+        weight = valid.float()  # (N,)
+        num_valid = weight.sum().clamp(min=1.0)
+
+        # distances, codes and statistics in fp32, also under fp16/bf16 autocast
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            xf = x.detach().float().masked_fill(~valid.view(-1, 1, 1), 0.0)
+            if self.training and not bool(self.initialized):
+                self._kmeans_init(xf[valid])
+            codebook = self.embed.detach().float()  # (B, K, d)
+            dist = self._distances(xf, codebook)  # (N, B, K)
+            if self.assignment == "hard":
+                # eq.1: z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j||
+                codes = dist.argmin(dim=-1)  # (N, B)
+                samples = codes.unsqueeze(-1)  # (N, B, 1)
+            else:
+                # soft EM E-step (§3.2): m draws with replacement from Multinomial(-||z_e - e_j||^2 / T)
+                probs = torch.softmax(-dist / self.temperature, dim=-1)
+                samples = torch.multinomial(probs.reshape(-1, self.num_codes), self.num_samples, replacement=True)
+                samples = samples.view(n, self.num_blocks, self.num_samples)  # (N, B, m)
+                codes = samples
+            del dist
+            # targets: one-hot (hard) or average of the m one-hots (soft); index-add, never N x K x m
+            targets = torch.zeros(n, self.num_blocks, self.num_codes, device=z_e.device)
+            targets.scatter_add_(-1, samples, torch.full(samples.shape, 1.0 / self.num_samples, device=z_e.device))
+
+            if self.training and self.update == "ema":
+                self._ema_update(xf, samples, weight)
+
+        # z_q: hard e_k; soft eq.12: mean of the m sampled embeddings. Gathered from the current codebook
+        # (after the EMA step, as in tensor2tensor), with gradient to the codebook when update == "grad".
+        z_q = self._mean_embedding(samples)  # (N, B, d), fp32
+        z_q = z_q.reshape(z_e.shape)
+        ze32 = z_e.float()
+        mask = valid.view(*lead, 1) if len(lead) else valid.view(1)
+        denom = num_valid * self.dim
+
+        def masked_sq(a, b):
+            return torch.where(mask, (a - b) ** 2, torch.zeros((), device=a.device)).sum() / denom
+
+        # eq.2: commitment loss beta * ||z_e - sg(z_q)||^2, mean over every non-padding scalar entry
+        loss = self.beta * masked_sq(ze32, z_q.detach())
+        if self.update == "grad":
+            # eq.3: codebook loss ||sg(z_e) - z_q||^2
+            loss = loss + masked_sq(ze32.detach(), z_q)
+
+        # straight-through estimator: forward z_q, backward identity to z_e
+        quantized = z_e + (z_q.to(z_e.dtype) - z_e).detach()
+
+        usage = (targets * weight.view(-1, 1, 1)).sum(0)  # (B, K), this rank's batch
+        total = usage.sum(-1, keepdim=True).clamp(min=1e-12)
+        p = usage / total
+        entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B,)
+        perplexity = entropy.exp().mean()
+        codes_used = (usage > 0).float().mean()
+
+        codes_out = codes.reshape(*lead, self.num_blocks, -1)
+        if self.assignment == "hard":
+            codes_out = codes_out.squeeze(-1)
+        if self.num_blocks == 1:
+            codes_out = codes_out.squeeze(len(lead))
+        targets = targets.reshape(*lead, self.num_blocks, self.num_codes)
+        if self.num_blocks == 1:
+            targets = targets.squeeze(-2)
+        return QuantizerOutput(quantized, codes_out, targets, loss, perplexity, codes_used)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """||z_e - e_j||^2 for every position and code: (N, B, d) x (B, K, d) -> (N, B, K), one matmul per block."""
+        x_sq = (x * x).sum(-1, keepdim=True).transpose(0, 1)  # (B, N, 1)
+        e_sq = (codebook * codebook).sum(-1).unsqueeze(1)  # (B, 1, K)
+        dist = torch.baddbmm(x_sq + e_sq, x.transpose(0, 1), codebook.transpose(1, 2), alpha=-2.0)
+        return dist.transpose(0, 1).clamp_(min=0.0)
+
+    def _mean_embedding(self, samples: torch.Tensor) -> torch.Tensor:
+        """(N, B, m) indices -> (N, B, d) mean of the sampled code embeddings (eq.12), via embedding_bag."""
+        n, b, m = samples.shape
+        offsets = (torch.arange(b, device=samples.device) * self.num_codes).view(1, b, 1)
+        flat_idx = (samples + offsets).reshape(n * b, m)
+        weight = self.embed.reshape(-1, self.block_dim).float()
+        if m == 1:
+            out = F.embedding(flat_idx.squeeze(1), weight)
+        else:
+            out = F.embedding_bag(flat_idx, weight, mode="mean")
+        return out.view(n, b, self.block_dim)
+
+    @torch.no_grad()
+    def _ema_update(self, x: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) -> None:
+        """M-step by exponential moving averages (eq.4-5), on the (averaged) sample counts.
+
+        c_j <- lambda c_j + (1 - lambda) sum_i w_ij            (eq.4; w_ij = fraction of the m samples = j)
+        m_j <- lambda m_j + (1 - lambda) sum_i w_ij z_e(x_i)   (eq.5)
+        c_j <- (c_j + eps) / (sum_k c_k + K eps) * sum_k c_k   (Laplace smoothing)
+        e_j <- m_j / c_j
+        """
+        n, b, m = samples.shape
+        k, d = self.num_codes, self.block_dim
+        # per-sample weight: 1/m for each of the m draws, 0 for padding positions
+        w = (weight / m).view(n, 1, 1).expand(n, b, m)
+        offsets = (torch.arange(b, device=x.device) * k).view(1, b, 1)
+        flat = (samples + offsets).reshape(-1)  # (N*B*m,) index into the flattened (B*K) codebook
+        counts = torch.zeros(b * k, device=x.device).index_add_(0, flat, w.reshape(-1))
+        sums = torch.zeros(b * k, d, device=x.device)
+        if m == 1:
+            sums.index_add_(0, flat, x.reshape(n * b, d) * w.reshape(-1, 1))
+        else:
+            # sum_i w_ij z_e: add each position once per draw (N*B*m rows of d; no N x K tensor)
+            sums.index_add_(0, flat, (x.unsqueeze(2) * w.unsqueeze(-1)).reshape(-1, d))
+        if is_distributed():
+            # every rank applies the union batch's statistics, so codebooks never diverge
+            counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
+        counts = counts.view(b, k)
+        sums = sums.view(b, k, d)
+        lam = self.decay
+        self.ema_count.mul_(lam).add_(counts, alpha=1 - lam)  # eq.4
+        self.ema_sum.mul_(lam).add_(sums, alpha=1 - lam)  # eq.5
+        total = self.ema_count.sum(-1, keepdim=True)
+        smoothed = (self.ema_count + self.epsilon) / (total + k * self.epsilon) * total
+        self.embed.copy_(self.ema_sum / smoothed.unsqueeze(-1))
+        if self.dead_code_threshold > 0:
+            self._reseed_dead_codes(x[weight > 0])
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, x: torch.Tensor) -> None:
+        """Codes whose EMA count fell below the threshold get a random recent encoder output (rank 0's)."""
+        dead = self.ema_count < self.dead_code_threshold  # (B, K)
+        if is_distributed():
+            dead = all_reduce_sum(dead.float()) > 0
+        if not dead.any() or x.size(0) == 0:
+            return
+        b, k, d = self.embed.shape
+        pick = torch.randint(0, x.size(0), (b, k), device=x.device)
+        fresh = x[pick, torch.arange(b, device=x.device).view(b, 1)]  # (B, K, d)
+        if is_distributed():
+            broadcast_(fresh, src=0)
+        dead3 = dead.unsqueeze(-1)
+        self.embed.copy_(torch.where(dead3, fresh, self.embed))
+        self.ema_sum.copy_(torch.where(dead3, fresh, self.ema_sum))
+        self.ema_count.copy_(torch.where(dead, torch.ones_like(self.ema_count), self.ema_count))
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: torch.Tensor) -> None:
+        """Initialise the codebook with k-means (Lloyd) on the first training batch's valid positions."""
+        if x.size(0) == 0:
+            return
+        b, k, d = self.embed.shape
+        n = x.size(0)
+        xb = x.transpose(0, 1)  # (B, N, d)
+        # k-means++ seeding: each next seed drawn with probability proportional to D(x)^2
+        cb = torch.empty(b, k, d, device=x.device)
+        cb[:, 0] = xb[torch.arange(b), torch.randint(0, n, (b,), device=x.device)]
+        nearest = ((xb - cb[:, :1]) ** 2).sum(-1)  # (B, N)
+        for j in range(1, k):
+            w = nearest + 1e-12
+            pick = torch.multinomial(w / w.sum(-1, keepdim=True), 1).squeeze(-1)  # (B,)
+            cb[:, j] = xb[torch.arange(b), pick]
+            nearest = torch.minimum(nearest, ((xb - cb[:, j : j + 1]) ** 2).sum(-1))
+        for _ in range(self.kmeans_iters):
+            assign = self._distances(x, cb).argmin(-1)  # (N, B)
+            onehot = F.one_hot(assign, k).float().transpose(0, 1)  # (B, N, K)
+            counts = onehot.sum(1)  # (B, K)
+            sums = torch.bmm(onehot.transpose(1, 2), x.transpose(0, 1))  # (B, K, d)
+            cb = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), cb)
+        if is_distributed():
+            broadcast_(cb, src=0)
+        self.embed.data.copy_(cb)
+        if self.update == "ema":
+            self.ema_count.fill_(1.0)
+            self.ema_sum.copy_(cb)
+        self.initialized.fill_(True)
+
+    def _apply(self, fn, *args, **kwargs):
+        # keep codebook statistics in fp32 under module.half()/.bfloat16() (only follow device moves)
+        saved = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
+        result = super()._apply(fn, *args, **kwargs)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_codes={self.num_codes}, dim={self.dim}, assignment={self.assignment}, "
+            f"num_samples={self.num_samples}, update={self.update}, decay={self.decay}, beta={self.beta}, "
+            f"num_blocks={self.num_blocks}"
+        )
