@@ -13,4 +13,5 @@ except ImportError:  # plain-torch users (image_ae, vq_nat.modules) do not need 
 
 if fairseq is not None:
     from . import checkpoint_compat  # noqa: F401  (torch>=2.6 weights-only loading of fairseq checkpoints)
+    from . import fairseq_compat  # noqa: F401  (no batch dropped by fairseq-fixed's batch_by_size)
     from . import criterions, models, tasks  # noqa: F401

@@ -1,0 +1,477 @@
+"""Train an image VQ-VAE with a hard-EM (``--bottleneck vq``) or soft-EM (``--bottleneck em``) bottleneck.
+
+    python -m image_ae.train --dataset cifar10 --data-dir data/cifar10_jpg --bottleneck em --save-dir runs/em
+    vq-image-ae ...   (same options; console script)
+
+Writes to ``--save-dir``:
+  checkpoint_last.pt   model (incl. the quantizer's EMA buffers), optimizer, step, RNG states, config;
+                       ``--resume`` continues from it exactly (same parameters as an uninterrupted run)
+  metrics.jsonl        one JSON line per evaluation: step, mse, psnr, code_ppl, codes_used, ...
+  train_log.jsonl      training loss / code usage every ``--log-interval`` steps
+  recon_<step>.png     originals (top row) above their reconstructions (bottom row)
+  curves.png           loss and code-usage curves
+  config.json          the resolved options
+An evaluation always runs at the end of training, however short.
+
+Metrics (on the first ``--eval-samples`` images of the evaluation split, pixels in [0, 1]):
+  mse = mean squared error per pixel and channel of the clamped reconstruction;
+  psnr = 10 log10(1 / mse) (dB);
+  code_ppl = exp(entropy) of the distribution of nearest-code assignments over all latents of the split;
+  codes_used = number of distinct codes that are the nearest code of at least one latent
+  (``codes_used_frac`` = codes_used / num_codes). For ``em`` the nearest code is the mode of the sampled
+  posterior; ``sample_code_ppl`` is the perplexity of the codes actually sampled.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DATASETS, DatasetNotFoundError, build_splits
+from .models import PRESETS, ImageAutoencoder, build_config, count_parameters
+
+logger = logging.getLogger("image_ae")
+
+CHECKPOINT = "checkpoint_last.pt"
+# options fixed by the checkpoint on --resume (they define the model, its codebook and the data order)
+MODEL_KEYS = ("arch", "bottleneck", "num_samples", "num_codes", "code_dim", "hidden_dim", "res_hidden_dim",
+              "latents_per_position", "num_downsample", "num_residual", "update", "decay", "epsilon", "beta",
+              "temperature", "kmeans_init", "dead_code_threshold", "image_size", "channels", "seed")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vq-image-ae", description="Image VQ-VAE with hard-EM (vq) or soft-EM (em) bottleneck (Roy et al. 2018)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    g.add_argument("--data-dir", default=None,
+                   help="torchvision root, or ImageFolder root (D/<class>/... or D/train/<class>/... + D/test/...)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data-dir")
+    g.add_argument("--image-size", type=int, default=32, help="images are resized and centre-cropped to this")
+    g.add_argument("--channels", choices=("auto", "1", "3"), default="auto",
+                   help="auto: 1 if every image is grayscale, else 3")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out fraction for an ImageFolder without train/ and test/")
+    g.add_argument("--no-cache", action="store_true", help="read ImageFolder files on demand instead of in memory")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers with --no-cache")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=sorted(PRESETS), default="paper",
+                   help="paper: Roy et al. App. A (8x8x10 latents, 256 codes of 512); vqvae: van den Oord et al.")
+    g.add_argument("--bottleneck", choices=("vq", "em"), default="vq",
+                   help="vq: nearest code (VQ-VAE / hard EM); em: soft EM with --num-samples samples")
+    g.add_argument("--num-samples", type=int, default=10, help="m, samples per latent for soft EM")
+    g.add_argument("--num-codes", type=int, default=None, help="codebook size K (preset: paper 256, vqvae 512)")
+    g.add_argument("--code-dim", type=int, default=None, help="code dimension (preset: paper 512, vqvae 64)")
+    g.add_argument("--hidden-dim", type=int, default=None, help="conv channels (preset: paper 512, vqvae 128)")
+    g.add_argument("--res-hidden-dim", type=int, default=None, help="residual-layer channels (preset: paper "
+                   "= hidden, vqvae 32)")
+    g.add_argument("--latents-per-position", type=int, default=None, help="latents per grid cell (paper 10)")
+    g.add_argument("--num-downsample", type=int, default=None,
+                   help="stride-2 layers (default: as many as bring the image to the 8x8 latent grid)")
+    g.add_argument("--num-residual", type=int, default=2)
+    g.add_argument("--update", choices=("ema", "grad"), default="ema", help="codebook M-step")
+    g.add_argument("--decay", type=float, default=0.999, help="EMA decay lambda")
+    g.add_argument("--epsilon", type=float, default=1e-5, help="Laplace smoothing of EMA counts")
+    g.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    g.add_argument("--temperature", type=float, default=1.0, help="soft-EM temperature")
+    g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
+    g.add_argument("--dead-code-threshold", type=float, default=0.0, help="re-seed codes with EMA count below")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=None, help="training length in epochs (default 10 when "
+                   "--max-steps is not given); with both, the shorter wins")
+    g.add_argument("--max-steps", type=int, default=None, help="training length in updates")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    g.add_argument("--lr-half-life", type=int, default=0,
+                   help="exponential decay after warm-up: lr halves every this many steps (0: constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-norm", type=float, default=0.0, help="gradient-norm clipping (0: off)")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--save-dir", default="checkpoints/image_ae")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help=f"continue from a checkpoint (no value: SAVE_DIR/{CHECKPOINT} if it exists)")
+    g.add_argument("--eval-interval", type=int, default=0, help="evaluate every N steps (0: every epoch); "
+                   "always at the end")
+    g.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: at each "
+                   "evaluation); always at the end")
+    g.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first N images (0: all)")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--num-recon", type=int, default=8, help="images in each reconstruction grid")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--no-plots", action="store_true", help="skip curves.png")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available")
+    return dev
+
+
+def lr_at(step: int, args) -> float:
+    lr = args.lr
+    if args.warmup_steps > 0 and step < args.warmup_steps:
+        return lr * (step + 1) / args.warmup_steps
+    if args.lr_half_life > 0:
+        lr *= 0.5 ** (max(0, step - args.warmup_steps) / args.lr_half_life)
+    return lr
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_jsonl(path: str) -> List[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: str, rows: List[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Index batches (steps_per_epoch, batch_size) of one epoch: a permutation that depends on seed and epoch
+    only, so that any step's batch is known from the step number (exact resume)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    bs = min(batch_size, n)
+    steps = n // bs
+    return perm[: steps * bs].view(steps, bs)
+
+
+def fetch(ds, idx: torch.Tensor, num_workers: int = 0) -> torch.Tensor:
+    if ds.images is not None:
+        return ds.images[idx].float().div_(255.0)
+    if num_workers > 0:
+        loader = torch.utils.data.DataLoader(ds, batch_size=len(idx), sampler=idx.tolist(), num_workers=num_workers)
+        return next(iter(loader))
+    return torch.stack([ds[i] for i in idx.tolist()])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: int) -> dict:
+    """Reconstruction error and code usage on the evaluation split; writes recon_<step>.png."""
+    from torchvision.utils import save_image
+
+    was_training = model.training
+    model.eval()
+    n = len(test) if args.eval_samples <= 0 else min(args.eval_samples, len(test))
+    k = model.config.num_codes
+    sq_err, pixels = 0.0, 0
+    nearest = torch.zeros(k, dtype=torch.float64)
+    sampled = torch.zeros(k, dtype=torch.float64)
+    grid = None
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # soft-EM sampling here must not move the training RNG
+        torch.manual_seed(args.seed)
+        for start in range(0, n, args.eval_batch_size):
+            idx = torch.arange(start, min(n, start + args.eval_batch_size))
+            x = fetch(test, idx, args.num_workers).to(device)
+            recon, out, z_e = model(x)
+            recon = recon.clamp(0.0, 1.0)
+            sq_err += float(((recon - x) ** 2).double().sum())
+            pixels += x.numel()
+            nearest += torch.bincount(model.nearest_codes(z_e).cpu(), minlength=k).double()
+            sampled += out.targets.reshape(-1, k).double().sum(0).cpu()
+            if grid is None:
+                r = min(args.num_recon, len(x))
+                grid = torch.cat([x[:r], recon[:r]]).cpu()
+    model.train(was_training)
+
+    def ppl(counts: torch.Tensor) -> float:
+        p = counts / counts.sum().clamp(min=1e-12)
+        return float(torch.exp(-(p * torch.log(p.clamp(min=1e-300))).sum()))
+
+    mse = sq_err / max(pixels, 1)
+    used = int((nearest > 0).sum())
+    metrics = {
+        "step": step,
+        "mse": mse,
+        "psnr": 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
+        "code_ppl": ppl(nearest),
+        "codes_used": used,
+        "codes_used_frac": used / k,
+        "sample_code_ppl": ppl(sampled),
+        "num_codes": k,
+        "eval_images": n,
+        "bottleneck": model.config.bottleneck,
+    }
+    if grid is not None:
+        save_image(grid, os.path.join(args.save_dir, f"recon_{step}.png"), nrow=len(grid) // 2, padding=2,
+                   pad_value=1.0)
+    return metrics
+
+
+def plot_curves(save_dir: str, train_log: List[dict], metrics: List[dict], num_codes: int) -> Optional[str]:
+    if not train_log and not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    if train_log:
+        ax.plot([r["step"] for r in train_log], [r["recon_mse"] for r in train_log], label="train recon MSE")
+        ax.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], label="train loss", alpha=0.6)
+    if metrics:
+        ax.plot([m["step"] for m in metrics], [m["mse"] for m in metrics], "o-", label="eval MSE")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[1]
+    if metrics:
+        ax.plot([m["step"] for m in metrics], [m["psnr"] for m in metrics], "o-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("dB")
+    ax.set_title("eval PSNR")
+    ax = axes[2]
+    if train_log:
+        ax.plot([r["step"] for r in train_log], [r["code_ppl"] for r in train_log], label="train batch code ppl")
+    if metrics:
+        ax.plot([m["step"] for m in metrics], [m["code_ppl"] for m in metrics], "o-", label="eval code ppl")
+        ax.plot([m["step"] for m in metrics], [m["codes_used"] for m in metrics], "s--", label="eval codes used")
+    ax.axhline(num_codes, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("step")
+    ax.set_title(f"code usage (K = {num_codes})")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(save_dir, "curves.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str, model, optimizer, step: int, args, device) -> None:
+    state = {
+        "version": 1,
+        "step": step,
+        "model": model.state_dict(),  # includes the quantizer's codebook and EMA buffers
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(device),
+        "args": vars(args),
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    # our own file (holds numpy/python RNG states): trusted, full unpickling
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Train (or resume) and return the final evaluation's metrics."""
+    args = get_parser().parse_args(argv)
+    if args.batch_size < 1 or (args.max_steps is not None and args.max_steps < 0):
+        raise SystemExit("--batch-size must be >= 1 and --max-steps >= 0")
+    os.makedirs(args.save_dir, exist_ok=True)
+    if not logger.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s", datefmt="%H:%M:%S")
+    device = resolve_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    ckpt = None
+    if args.resume:
+        path = os.path.join(args.save_dir, CHECKPOINT) if args.resume == "auto" else args.resume
+        if os.path.isfile(path):
+            ckpt = load_checkpoint(path)
+            for key in MODEL_KEYS:
+                old, new = ckpt["args"].get(key), getattr(args, key)
+                if key in ckpt["args"] and new is not None and old != new and key != "channels":
+                    logger.info("--resume: %s=%r from the checkpoint overrides %r", key, old, new)
+                if key in ckpt["args"]:
+                    setattr(args, key, old)
+            logger.info("resuming from %s at step %d", path, ckpt["step"])
+        elif args.resume != "auto":
+            raise SystemExit(f"--resume {path}: no such checkpoint")
+        else:
+            logger.info("--resume: no %s in %s, starting from scratch", CHECKPOINT, args.save_dir)
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+
+    channels = None if str(args.channels) == "auto" else int(args.channels)
+    splits = build_splits(args.dataset, args.data_dir, args.image_size, channels, args.download,
+                          args.val_fraction, cache=not args.no_cache, progress=not args.no_progress)
+    args.channels = splits.channels
+    logger.info("data: %s", splits.description)
+    train, test = splits.train, splits.test
+    if len(train) == 0 or len(test) == 0:
+        raise DatasetNotFoundError("empty training or evaluation split")
+
+    overrides = {k: getattr(args, k) for k in MODEL_KEYS if k not in ("arch", "image_size", "channels", "seed")}
+    config = build_config(args.arch, splits.channels, args.image_size, overrides)
+    try:
+        model = ImageAutoencoder(config).to(device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    for k in ("hidden_dim", "res_hidden_dim", "num_codes", "code_dim", "latents_per_position", "num_downsample"):
+        setattr(args, k, getattr(config, k))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    logger.info("model: %s preset, %s bottleneck, %d parameters, latent field %dx%dx%d = %d latents, "
+                "%d codes of dim %d", config.arch, config.bottleneck, count_parameters(model), config.grid,
+                config.grid, config.latents_per_position, config.num_latents, config.num_codes, config.code_dim)
+
+    step = 0
+    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
+    log_path = os.path.join(args.save_dir, "train_log.jsonl")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        set_rng_state(ckpt["rng"], device)
+        # drop log lines written after this checkpoint (an interrupted run's tail is redone)
+        write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= step])
+        write_jsonl(log_path, [r for r in read_jsonl(log_path) if r["step"] <= step])
+    else:
+        for p in (metrics_path, log_path):
+            if os.path.exists(p):
+                os.remove(p)
+    with open(os.path.join(args.save_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    steps_per_epoch = max(1, len(train) // min(args.batch_size, len(train)))
+    epochs = args.epochs if args.epochs is not None else (10 if args.max_steps is None else None)
+    total = math.inf
+    if epochs is not None:
+        total = int(round(epochs * steps_per_epoch))
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    total = int(total)
+    eval_interval = args.eval_interval if args.eval_interval > 0 else steps_per_epoch
+    save_interval = args.save_interval if args.save_interval > 0 else eval_interval
+    logger.info("training %d -> %d steps (%d steps/epoch, batch %d) on %s", step, total, steps_per_epoch,
+                args.batch_size, device)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=min(step, total), desc=f"{config.bottleneck}", unit="step",
+               disable=args.no_progress, mininterval=1.0, dynamic_ncols=True)
+    model.train()
+    batches, batches_epoch = None, -1
+    last_metrics = None
+    ckpt_path = os.path.join(args.save_dir, CHECKPOINT)
+    t0 = time.time()
+    run_loss = None
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(len(train), args.batch_size, args.seed, epoch), epoch
+        x = fetch(train, batches[offset], args.num_workers).to(device, non_blocking=True)
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        recon, out, _ = model(x)
+        recon_mse = F.mse_loss(recon, x)
+        loss = recon_mse + out.loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"non-finite loss {lv} at step {step}")
+        run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
+        if step % args.log_interval == 0 or step == total:
+            row = {"step": step, "epoch": step / steps_per_epoch, "loss": lv,
+                   "recon_mse": float(recon_mse.detach()), "vq_loss": float(out.loss.detach()),
+                   "code_ppl": float(out.perplexity),
+                   "codes_used_frac": float(out.codes_used), "lr": lr, "elapsed_s": time.time() - t0}
+            append_jsonl(log_path, row)
+            bar.set_postfix(loss=f"{run_loss:.4f}", ppl=f"{row['code_ppl']:.1f}", refresh=False)
+        if step % save_interval == 0 or step == total:
+            save_checkpoint(ckpt_path, model, optimizer, step, args, device)
+        if step % eval_interval == 0 or step == total:
+            last_metrics = _evaluate_and_log(model, test, args, device, step, metrics_path, log_path, t0, bar)
+    bar.close()
+
+    if last_metrics is None:  # nothing trained (already at the end): evaluate anyway
+        if ckpt is None:
+            save_checkpoint(ckpt_path, model, optimizer, step, args, device)
+        last_metrics = _evaluate_and_log(model, test, args, device, step, metrics_path, log_path, t0, None)
+    return last_metrics
+
+
+def _evaluate_and_log(model, test, args, device, step, metrics_path, log_path, t0, bar) -> dict:
+    m = evaluate(model, test, args, device, step)
+    m["elapsed_s"] = time.time() - t0
+    rows = [r for r in read_jsonl(metrics_path) if r["step"] != step] + [m]
+    write_jsonl(metrics_path, rows)
+    msg = (f"eval step {step}: mse {m['mse']:.5f}  psnr {m['psnr']:.2f} dB  code_ppl {m['code_ppl']:.1f}  "
+           f"codes_used {m['codes_used']}/{m['num_codes']}")
+    if bar is not None and not bar.disable:
+        bar.write(msg)
+    else:
+        logger.info(msg)
+    if not args.no_plots:
+        plot_curves(args.save_dir, read_jsonl(log_path), rows, model.config.num_codes)
+    return m
+
+
+def cli_main(argv: Optional[List[str]] = None) -> None:
+    try:
+        main(argv)
+    except DatasetNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,99 @@
+"""Criterion ``latent_vq``: reconstruction + commitment/codebook + latent-predictor losses (t2t transformer_nat).
+
+    loss = CE(y | decoder(z_q))  +  bottleneck loss (beta * commitment, eq.2 [+ eq.3])  +  w * g(t) * CE_lp
+
+each term a mean (per target token, per latent scalar, per latent position), as tensor2tensor sums its
+"training", "extra" and "latent_pred" losses; g(t) is the latent-loss gate (0 until ``--latent-loss-start``).
+The returned loss is that mean times ``sample_size`` (= target tokens), fairseq's convention. Every term is
+logged through fairseq's metrics (cross-entropies in base 2), with the code perplexity ``code_ppl`` and the
+fraction of codes used ``codes_used``.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.dataclass import FairseqDataclass
+
+
+@dataclass
+class LatentVQCriterionConfig(FairseqDataclass):
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the reconstruction loss"})
+    latent_loss_weight: float = field(default=1.0, metadata={"help": "weight of the latent-predictor loss"})
+
+
+@register_criterion("latent_vq", dataclass=LatentVQCriterionConfig)
+class LatentVQCriterion(FairseqCriterion):
+    def __init__(self, task, label_smoothing=0.0, latent_loss_weight=1.0):
+        super().__init__(task)
+        self.eps = label_smoothing
+        self.latent_loss_weight = latent_loss_weight
+
+    def forward(self, model, sample, reduce=True):
+        target = sample["target"]
+        net_input = sample["net_input"]
+        out = model(
+            net_input["src_tokens"], net_input["src_lengths"], target=target, ae_input=sample.get("ae_input")
+        )
+        ntokens = sample["ntokens"]
+        sample_size = ntokens
+
+        lprobs = F.log_softmax(out["logits"].float(), dim=-1)
+        recon, nll = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx)
+
+        # latent predictor: cross-entropy against one-hot / averaged sample one-hots, END included
+        lp_targets = out["latent_targets"]  # (B, L + 1, blocks, K + 1)
+        lp_lprobs = F.log_softmax(out["latent_logits"].float(), dim=-1)
+        lp_valid = lp_targets.sum(-1) > 0  # (B, L + 1, blocks)
+        lp_loss = -(lp_targets * lp_lprobs).sum(-1).masked_fill(~lp_valid, 0.0).sum()
+        n_lp = lp_valid[..., 0].sum()
+        lp_correct = ((lp_lprobs.argmax(-1) == lp_targets.argmax(-1)) & lp_valid).all(-1) & lp_valid[..., 0]
+
+        q = out["bottleneck"]
+        gate = self.latent_loss_weight * out["latent_loss_weight"]
+        mean_loss = recon / max(ntokens, 1) + q.loss.float() + gate * lp_loss / n_lp.clamp(min=1)
+        loss = mean_loss * sample_size
+
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll.data,
+            "recon_loss": recon.data,
+            "vq_loss": q.loss.data * sample_size,
+            "lp_loss": lp_loss.data,
+            "lp_correct": lp_correct.sum().data,
+            "nlatents": n_lp.data,
+            "ntokens": ntokens,
+            "nsentences": target.size(0),
+            "sample_size": sample_size,
+            "code_ppl": q.perplexity.data,
+            "codes_used": q.codes_used.data,
+            "masking": out["masking"],
+            "nbatches": 1,
+        }
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        def total(key):
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+
+        sample_size, ntokens, nlatents = total("sample_size"), total("ntokens"), total("nlatents")
+        nbatches = max(total("nbatches"), 1)
+        ln2 = math.log(2)
+        metrics.log_scalar("loss", total("loss") / max(sample_size, 1) / ln2, sample_size, round=3)
+        metrics.log_scalar("nll_loss", total("nll_loss") / max(ntokens, 1) / ln2, ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        metrics.log_scalar("recon_loss", total("recon_loss") / max(ntokens, 1) / ln2, ntokens, round=3)
+        metrics.log_scalar("vq_loss", total("vq_loss") / max(sample_size, 1), sample_size, round=4)
+        metrics.log_scalar("lp_loss", total("lp_loss") / max(nlatents, 1) / ln2, nlatents, round=3)
+        metrics.log_scalar("lp_acc", total("lp_correct") / max(nlatents, 1), nlatents, round=3)
+        metrics.log_scalar("code_ppl", total("code_ppl") / nbatches, nbatches, round=1)
+        metrics.log_scalar("codes_used", total("codes_used") / nbatches, nbatches, round=3)
+        metrics.log_scalar("masking", total("masking") / nbatches, nbatches, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,121 @@
+"""The latent predictor: an autoregressive transformer over the latent codes, conditioned on the source.
+
+Trained with cross-entropy against the bottleneck's ``targets`` (one-hot for hard EM, the average of the m
+sampled one-hots for soft EM: the paper's label smoothing, §3.2). Its vocabulary is the K codes plus one
+**end-of-latents** symbol (index K): the latent sequence of a target of n tokens (EOS included) has
+ceil(n / 2^nc) codes followed by END, so at inference the predictor decides the latent length itself and
+stops early per sentence. With product quantization it predicts the ``num_blocks`` codes of a position with
+one softmax each (END is read from block 0).
+
+Inputs at training time are the straight-through quantized latents, shifted right behind a learned start
+vector (tensor2tensor feeds ``latents_dense`` to its "extra" decoder the same way); at inference the embedding
+of the previous predicted code. Built from fairseq's ``TransformerDecoderLayer`` with incremental state.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq.modules import LayerNorm, SinusoidalPositionalEmbedding, TransformerDecoderLayer
+from fairseq.modules.fairseq_dropout import FairseqDropout
+from torch import Tensor
+
+
+def causal_mask(length: int, device) -> Tensor:
+    return torch.triu(torch.full((length, length), float("-inf"), device=device), 1)
+
+
+class LatentPredictor(nn.Module):
+    def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int):
+        super().__init__()
+        dim = args.decoder_embed_dim
+        self.num_codes = num_codes
+        self.num_blocks = num_blocks
+        self.end = num_codes  # the end-of-latents symbol
+        self.start = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.start, std=dim**-0.5)
+        self.register_buffer(
+            "positions", SinusoidalPositionalEmbedding.get_embedding(max_latents + 2, dim, None), persistent=False
+        )
+        self.dropout = FairseqDropout(args.dropout, module_name=self.__class__.__name__)
+        self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(num_layers))
+        self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
+        self.output = nn.Linear(dim, num_blocks * (num_codes + 1))
+
+    def _embed(self, x: Tensor, offset: int = 0) -> Tensor:
+        positions = self.positions[offset : offset + x.size(1)].to(x.dtype)
+        return self.dropout(x + positions.unsqueeze(0))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        logits = self.output(x)
+        return logits.view(*x.shape[:-1], self.num_blocks, self.num_codes + 1)
+
+    def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict) -> Tensor:
+        """Teacher-forced logits. ``latents`` (B, L, H) quantized; returns (B, L + 1, num_blocks, K + 1):
+        position j predicts latent j from latents < j, and position L_i predicts END."""
+        b, length, _ = latents.shape
+        x = torch.cat([self.start.to(latents.dtype).expand(b, 1, -1), latents], dim=1)
+        x = self._embed(x)
+        # position j reads inputs 0..j; inputs past a sentence's END position are padding
+        pad = torch.cat([latent_padding_mask.new_zeros(b, 1), latent_padding_mask], dim=1)
+        enc, enc_mask = _unpack(encoder_out)
+        x = x.transpose(0, 1)
+        mask = causal_mask(length + 1, x.device)
+        for layer in self.layers:
+            x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
+        return self._logits(x.transpose(0, 1))
+
+    def step(self, prev: Tensor, position: int, encoder_out: Dict, incremental_state: Dict) -> Tensor:
+        """One cached decoding step: ``prev`` (B, H) previous latent embedding -> (B, num_blocks, K + 1)."""
+        x = self._embed(prev.unsqueeze(1), offset=position).transpose(0, 1)
+        enc, enc_mask = _unpack(encoder_out)
+        for layer in self.layers:
+            x, _, _ = layer(x, enc, enc_mask, incremental_state=incremental_state)
+        return self._logits(x.transpose(0, 1))[:, 0]
+
+    @torch.no_grad()
+    def generate(
+        self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Greedy cached decoding until every sentence has emitted END (or ``max_latents`` codes).
+
+        Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
+        of each sentence's codes and END.
+        """
+        device = self.start.device
+        incremental_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
+        prev = self.start.expand(batch_size, -1)
+        lengths = torch.full((batch_size,), max_latents, dtype=torch.long, device=device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        scores = torch.zeros(batch_size, device=device)
+        codes = []
+        for t in range(max_latents + 1):
+            lprobs = F.log_softmax(self.step(prev, t, encoder_out, incremental_state).float(), dim=-1)
+            if t == 0:
+                lprobs[:, :, self.end] = float("-inf")  # every target has >= 1 token, so >= 1 latent
+            if t == max_latents:
+                scores += torch.where(finished, 0.0, lprobs[:, 0, self.end])
+                break
+            best, idx = lprobs.max(-1)  # (B, num_blocks)
+            ends = (idx[:, 0] == self.end) & ~finished
+            lengths = torch.where(ends, torch.full_like(lengths, t), lengths)
+            scores += torch.where(finished, 0.0, best.sum(-1))
+            finished |= ends
+            if bool(finished.all()):
+                break
+            code = idx.clamp(max=self.num_codes - 1)
+            codes.append(code)
+            prev = embed_codes(code if self.num_blocks > 1 else code[:, 0]).to(prev.dtype)
+        codes = torch.stack(codes, dim=1) if codes else torch.zeros(batch_size, 1, self.num_blocks, dtype=torch.long, device=device)
+        if self.num_blocks == 1:
+            codes = codes[..., 0]
+        padding_mask = torch.arange(codes.size(1), device=device).unsqueeze(0) >= lengths.unsqueeze(1)
+        return codes, padding_mask, scores
+
+
+def _unpack(encoder_out: Dict) -> Tuple[Tensor, Optional[Tensor]]:
+    enc = encoder_out["encoder_out"][0]
+    masks = encoder_out.get("encoder_padding_mask", [])
+    return enc, (masks[0] if len(masks) > 0 else None)

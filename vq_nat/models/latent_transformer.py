@@ -1,0 +1,379 @@
+"""The Latent Transformer (Kaiser et al. 2018) with the VQ-VAE / EM bottleneck of Roy et al. 2018 (§2.1, §5.1).
+
+    source x --TransformerEncoder--> h_x
+    target y --embed--> Compressor (residual convs + nc stride-2 convs) --> z_e (n / 2^nc positions)
+             --bottleneck (VQ hard EM / soft EM / Gumbel / semhash)--> z_q, codes
+    LatentPredictor(h_x, codes<j) --> p(code_j)              (autoregressive, trained on ``targets``)
+    Decompressor(z_q) --> d (n positions) --causal transformer decoder, attends h_x--> all tokens in one pass
+
+Follows tensor2tensor ``transformer_nat``: the decoder is fed the decompressed latents shifted right, with causal
+self-attention (no token feedback, so decoding is still one parallel pass); during the first
+``--mask-startup-steps`` updates a growing fraction of its inputs are the gold target embeddings instead
+(``masking`` schedule below); the latent-predictor loss counts only after ``--latent-loss-start`` updates.
+Deliberate differences (documented in the README): padded positions are masked everywhere (t2t counts them in
+the commitment loss, the EMA and the prior loss); the latent length is decided by an END symbol of the latent
+predictor instead of being fixed at 2x the source length; the decoder emits EOS within the decompressed span.
+"""
+import argparse
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq.models import (
+    FairseqDecoder,
+    FairseqEncoderDecoderModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.models.transformer import TransformerEncoder, TransformerModel
+from fairseq.models.transformer import base_architecture as transformer_base_architecture
+from fairseq.modules import LayerNorm, SinusoidalPositionalEmbedding, TransformerDecoderLayer
+from fairseq.modules.fairseq_dropout import FairseqDropout
+from torch import Tensor
+
+from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
+from ..modules.compression import Compressor, Decompressor, upsample_mask
+from .latent_predictor import LatentPredictor, _unpack, causal_mask
+
+BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
+
+
+def masking_probability(step: int, mask_startup_steps: int) -> float:
+    """Fraction of decoder inputs taken from the latents (the rest are gold embeddings), t2t ``transformer_nat``:
+
+    masking = clip(inverse_lin_decay(M) * inverse_exp_decay(M // 4), 0, 1), with
+    inverse_lin_decay(M) = 0.01 + 0.99 * min(step / M, 1) and inverse_exp_decay(M') = 0.01 ** (max(M' - step, 0) / M').
+    """
+    if mask_startup_steps <= 0:
+        return 1.0
+    lin = 0.01 + 0.99 * min(step / mask_startup_steps, 1.0)
+    m4 = max(mask_startup_steps // 4, 1)
+    exp = 0.01 ** (max(m4 - step, 0) / m4)
+    return min(max(lin * exp, 0.0), 1.0)
+
+
+def build_bottleneck(args, dim: int) -> nn.Module:
+    kind = args.bottleneck
+    if kind in ("vq", "em"):
+        return VectorQuantizer(
+            num_codes=args.num_codes,
+            dim=dim,
+            assignment="hard" if kind == "vq" else "soft",
+            num_samples=args.num_samples,
+            update=args.codebook_update,
+            decay=args.codebook_decay,
+            epsilon=args.codebook_epsilon,
+            beta=args.commitment_beta,
+            num_blocks=args.num_blocks,
+            temperature=args.soft_em_temperature,
+            kmeans_init=args.kmeans_init,
+            dead_code_threshold=args.dead_code_threshold,
+        )
+    if args.num_blocks != 1:
+        raise ValueError(f"--num-blocks applies to --bottleneck vq/em only, not {kind}")
+    if kind == "gumbel":
+        return GumbelSoftmaxQuantizer(num_codes=args.num_codes, dim=dim)
+    if kind == "semhash":
+        bits = int(round(math.log2(args.num_codes)))
+        if 2**bits != args.num_codes:
+            raise ValueError(f"--bottleneck semhash needs --num-codes a power of 2, got {args.num_codes}")
+        return SemanticHashingQuantizer(num_bits=bits, dim=dim)
+    raise ValueError(f"unknown --bottleneck {kind!r}; choose from {BOTTLENECKS}")
+
+
+@register_model("latent_transformer")
+class LatentTransformerModel(FairseqEncoderDecoderModel):
+    """Non-autoregressive translation through a short sequence of discrete latents (see module docstring)."""
+
+    def __init__(self, args, encoder, decoder):
+        super().__init__(encoder, decoder)
+        self.args = args
+
+    @staticmethod
+    def add_args(parser):
+        TransformerModel.add_args(parser)
+        g = parser.add_argument_group("Latent Transformer")
+        # fmt: off
+        g.add_argument("--num-compress-steps", type=int, metavar="N",
+                       help="nc: the target is compressed by 2^nc into latents (paper: 3)")
+        g.add_argument("--bottleneck", choices=BOTTLENECKS,
+                       help="vq: VQ-VAE / hard EM; em: soft EM (--num-samples); gumbel: Gumbel-softmax; "
+                            "semhash: improved semantic hashing")
+        g.add_argument("--num-codes", type=int, metavar="K", help="codebook size (paper: 4096 = 2^12)")
+        g.add_argument("--num-samples", type=int, metavar="M", help="soft EM: samples per latent (paper: 10)")
+        g.add_argument("--codebook-update", choices=("ema", "grad"),
+                       help="ema: EM M-step by moving averages (eq.4-5); grad: codebook loss (eq.3)")
+        g.add_argument("--codebook-decay", type=float, metavar="D", help="codebook EMA decay lambda of eq.4-5 (paper: 0.999; fairseq's own --ema-decay is the model-weight EMA)")
+        g.add_argument("--codebook-epsilon", type=float, metavar="EPS", help="Laplace smoothing of counts (1e-5)")
+        g.add_argument("--commitment-beta", type=float, metavar="B", help="commitment loss weight (eq.2; 0.25)")
+        g.add_argument("--num-blocks", type=int, metavar="B",
+                       help="product quantization: slices of the latent, each with its own codebook")
+        g.add_argument("--soft-em-temperature", type=float, metavar="T", help="soft EM sampling temperature")
+        g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
+        g.add_argument("--dead-code-threshold", type=float, metavar="C",
+                       help="re-seed codes whose EMA count falls below C (0 = off, the paper)")
+        g.add_argument("--ae-attend-source", action="store_true",
+                       help="the autoencoder's encoder attends to the source (Kaiser et al.; the paper found it "
+                            "unnecessary)")
+        g.add_argument("--latent-layers", type=int, metavar="N",
+                       help="transformer layers of the latent predictor (default: --decoder-layers)")
+        g.add_argument("--mask-startup-steps", type=int, metavar="N",
+                       help="decoder-input warm-up: gold target embeddings are replaced by decompressed "
+                            "latents over the first N updates (t2t mask_startup_steps)")
+        g.add_argument("--latent-loss-start", type=int, metavar="N",
+                       help="the latent-predictor loss counts only after N updates (default: "
+                            "--mask-startup-steps, as t2t)")
+        # fmt: on
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+        if args.share_all_embeddings:
+            if src_dict != tgt_dict:
+                raise ValueError("--share-all-embeddings requires a joined dictionary")
+            if args.encoder_embed_dim != args.decoder_embed_dim:
+                raise ValueError("--share-all-embeddings requires --encoder-embed-dim == --decoder-embed-dim")
+            enc_emb = TransformerModel.build_embedding(args, src_dict, args.encoder_embed_dim)
+            dec_emb = enc_emb
+            args.share_decoder_input_output_embed = True
+        else:
+            enc_emb = TransformerModel.build_embedding(args, src_dict, args.encoder_embed_dim)
+            dec_emb = TransformerModel.build_embedding(args, tgt_dict, args.decoder_embed_dim)
+        if args.encoder_embed_dim != args.decoder_embed_dim:
+            raise ValueError("the latent transformer needs --encoder-embed-dim == --decoder-embed-dim")
+        encoder = TransformerEncoder(args, src_dict, enc_emb)
+        decoder = LatentDecoder(args, tgt_dict, dec_emb)
+        return cls(args, encoder, decoder)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens=None, target=None, ae_input=None, **kwargs):
+        """Training forward: returns the decoder's dict of outputs (token logits, bottleneck output, latent
+        predictor logits and targets). ``ae_input`` is the (possibly noised) target fed to the autoencoder."""
+        if target is None:
+            raise ValueError("LatentTransformerModel.forward needs the target (use the latent_vq criterion)")
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
+        return self.decoder(target, encoder_out, ae_input=ae_input)
+
+    def max_positions(self):
+        return (self.encoder.max_positions(), self.decoder.max_positions())
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "checkpoint does not match this latent_transformer configuration (a checkpoint of another "
+                f"architecture or other sizes?): {str(e)[:2000]}"
+            ) from e
+
+
+class LatentDecoder(FairseqDecoder):
+    """Autoencoder (compress + bottleneck), latent predictor and parallel decoder; see the module docstring."""
+
+    def __init__(self, args, dictionary, embed_tokens):
+        super().__init__(dictionary)
+        dim = args.decoder_embed_dim
+        self.args = args
+        self.padding_idx = dictionary.pad()
+        self.eos = dictionary.eos()
+        self.nc = args.num_compress_steps
+        self.factor = 1 << self.nc
+        self.max_target_positions = args.max_target_positions
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if args.no_scale_embedding else math.sqrt(dim)
+        self.dropout = FairseqDropout(args.dropout, module_name=self.__class__.__name__)
+        self.mask_startup_steps = args.mask_startup_steps
+        self.latent_loss_start = (
+            args.latent_loss_start if args.latent_loss_start is not None and args.latent_loss_start >= 0
+            else args.mask_startup_steps
+        )
+        self.num_updates = 0
+
+        self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
+        self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
+        self.bottleneck = build_bottleneck(args, dim)
+        self.num_codes = args.num_codes
+        self.num_blocks = args.num_blocks if args.bottleneck in ("vq", "em") else 1
+        max_latents = (args.max_target_positions + self.factor - 1) // self.factor
+        self.latent_predictor = LatentPredictor(
+            args, args.latent_layers or args.decoder_layers, self.num_codes, self.num_blocks, max_latents
+        )
+        self.decompressor = Decompressor(dim, self.nc, dropout=args.dropout)
+        self.register_buffer(
+            "positions",
+            SinusoidalPositionalEmbedding.get_embedding(max_latents * self.factor + 2, dim, None),
+            persistent=False,
+        )
+        self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(args.decoder_layers))
+        self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
+        if args.share_decoder_input_output_embed:
+            self.output_projection = None
+        else:
+            self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
+            nn.init.normal_(self.output_projection.weight, std=dim**-0.5)
+
+    # ---------------------------------------------------------------- schedules
+    def set_num_updates(self, num_updates):
+        self.num_updates = num_updates
+
+    def masking(self) -> float:
+        return masking_probability(self.num_updates, self.mask_startup_steps) if self.training else 1.0
+
+    def latent_loss_weight(self) -> float:
+        """t2t gates the prior loss: it counts iff num_updates > latent_loss_start."""
+        return 1.0 if self.num_updates > self.latent_loss_start else 0.0
+
+    # ---------------------------------------------------------------- pieces
+    def pad_to_multiple(self, tokens: Tensor) -> Tensor:
+        rem = (-tokens.size(1)) % self.factor
+        return F.pad(tokens, (0, rem), value=self.padding_idx) if rem else tokens
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.embed_scale * self.embed_tokens(tokens)
+
+    def encode_target(self, tokens: Tensor, encoder_out: Dict):
+        """Target tokens (B, T'), T' a multiple of 2^nc -> z_e (B, T'/2^nc, H) and its padding mask."""
+        pad = tokens.eq(self.padding_idx)
+        z_e, latent_pad = self.compressor(self.dropout(self.embed(tokens)), pad)
+        if self.ae_attention is not None:
+            enc, enc_mask = _unpack(encoder_out)
+            z, _, _ = self.ae_attention(z_e.transpose(0, 1), enc, enc_mask, self_attn_padding_mask=latent_pad)
+            z_e = z.transpose(0, 1).masked_fill(latent_pad.unsqueeze(-1), 0.0)
+        return z_e, latent_pad
+
+    def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
+               masking: float = 1.0) -> Tensor:
+        """Latents (B, L, H) -> token logits (B, L * 2^nc, V) in one parallel pass.
+
+        Each decompressed position is replaced by the gold target embedding with probability 1 - masking
+        (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder."""
+        d, pad = self.decompressor(latents.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad)
+        if gold is not None and masking < 1.0:
+            use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
+            d = torch.where(use_gold.unsqueeze(-1), self.embed(gold).to(d.dtype), d)
+        x = torch.cat([d.new_zeros(d.size(0), 1, d.size(2)), d[:, :-1]], dim=1)  # shift right
+        x = self.dropout(x + self.positions[: x.size(1)].to(x.dtype).unsqueeze(0))
+        enc, enc_mask = _unpack(encoder_out)
+        x = x.transpose(0, 1)
+        mask = causal_mask(x.size(0), x.device)
+        for layer in self.layers:
+            x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
+        x = x.transpose(0, 1)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.output_layer(x)
+
+    def output_layer(self, features):
+        if self.output_projection is None:
+            return F.linear(features, self.embed_tokens.weight)
+        return self.output_projection(features)
+
+    # ---------------------------------------------------------------- training forward
+    def forward(self, target: Tensor, encoder_out: Dict, ae_input: Optional[Tensor] = None):
+        tgt = self.pad_to_multiple(target)
+        ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
+        z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
+        q = self.bottleneck(z_e, padding_mask=latent_pad)
+        logits = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking())
+        lp_logits = self.latent_predictor(
+            q.quantized.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad, encoder_out
+        )
+        return {
+            "logits": logits[:, : target.size(1)],
+            "bottleneck": q,
+            "latent_padding_mask": latent_pad,
+            "latent_logits": lp_logits,
+            "latent_targets": self.latent_targets(q.targets, latent_pad),
+            "masking": self.masking(),
+            "latent_loss_weight": self.latent_loss_weight(),
+        }
+
+    def latent_targets(self, targets: Tensor, latent_pad: Tensor) -> Tensor:
+        """(B, L, [blocks,] K) bottleneck targets -> (B, L + 1, blocks, K + 1) with END after each sentence's
+        last latent; all-zero rows past END (ignored by the loss)."""
+        targets = targets.reshape(*latent_pad.shape, self.num_blocks, -1)
+        b, length = latent_pad.shape
+        t = targets.new_zeros(b, length + 1, self.num_blocks, self.num_codes + 1)
+        t[:, :length, :, : self.num_codes] = targets.masked_fill(latent_pad.view(b, length, 1, 1), 0.0)
+        lengths = (~latent_pad).sum(1)
+        t[torch.arange(b, device=t.device), lengths, :, self.num_codes] = 1.0
+        return t
+
+    # ---------------------------------------------------------------- inference
+    @torch.no_grad()
+    def generate(self, encoder_out: Dict, max_target_len: int):
+        """Predict the latents autoregressively (greedy, cached, early stop at END), then decode in parallel.
+
+        Returns token ids (B, T), a per-position log-prob (B, T), the latent padding mask (B, L) and the
+        latent log-probabilities (B,)."""
+        enc, _ = _unpack(encoder_out)
+        max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
+                                 self.latent_predictor.positions.size(0) - 2))
+        codes, latent_pad, latent_scores = self.latent_predictor.generate(
+            encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1)
+        )
+        latents = self.bottleneck.embed_codes(codes).to(enc.dtype)
+        logits = self.decode(latents, latent_pad, encoder_out)
+        logits[:, :, self.padding_idx] = float("-inf")
+        logits[:, :, self.dictionary.bos()] = float("-inf")
+        lprobs = F.log_softmax(logits.float(), dim=-1)
+        scores, tokens = lprobs.max(-1)
+        return tokens, scores, latent_pad, codes, latent_scores
+
+    def max_positions(self):
+        return self.max_target_positions
+
+    def get_normalized_probs(self, net_output, log_probs, sample=None):
+        logits = net_output["logits"] if isinstance(net_output, dict) else net_output[0]
+        return F.log_softmax(logits.float(), dim=-1) if log_probs else F.softmax(logits.float(), dim=-1)
+
+
+def _latent_defaults(args, **overrides):
+    for k, v in overrides.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+@register_model_architecture("latent_transformer", "latent_transformer")
+def base_architecture(args):
+    """Paper base (Roy et al. §5.1): d=512, 6+6 layers, 8 heads, ffn 2048, K=2^12 codes, nc=3, m=10."""
+    _latent_defaults(
+        args,
+        num_compress_steps=3,
+        bottleneck="em",
+        num_codes=4096,
+        num_samples=10,
+        codebook_update="ema",
+        codebook_decay=0.999,
+        codebook_epsilon=1e-5,
+        commitment_beta=0.25,
+        num_blocks=1,
+        soft_em_temperature=1.0,
+        dead_code_threshold=0.0,
+        mask_startup_steps=50000,
+        latent_layers=None,
+    )
+    args.kmeans_init = getattr(args, "kmeans_init", False)
+    args.ae_attend_source = getattr(args, "ae_attend_source", False)
+    args.latent_loss_start = getattr(args, "latent_loss_start", None)
+    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
+    args.max_source_positions = getattr(args, "max_source_positions", None) or 1024
+    args.max_target_positions = getattr(args, "max_target_positions", None) or 1024
+    transformer_base_architecture(args)
+
+
+@register_model_architecture("latent_transformer", "latent_transformer_tiny")
+def latent_transformer_tiny(args):
+    """CPU-sized preset for Multi30k (the size of fairseq's transformer_tiny recipe): d=128, ffn 256, 4 heads,
+    3+3 layers, K=512 codes, nc=3, m=10, warm-up over 2000 updates."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 128)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 256)
+    args.encoder_layers = getattr(args, "encoder_layers", 3)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_layers = getattr(args, "decoder_layers", 3)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 256)
+    _latent_defaults(args, num_codes=512, mask_startup_steps=2000, latent_layers=2)
+    base_architecture(args)

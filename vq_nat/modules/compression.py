@@ -1,0 +1,111 @@
+"""Length compression and decompression of the Latent Transformer's autoencoder (Kaiser et al. 2018 §3).
+
+Follows tensor2tensor ``transformer_nat.compress`` / ``decompress_step``: residual convolution blocks, then
+``nc`` strided convolutions (kernel 2, stride 2) that each halve the length, so a target of length n becomes
+n / 2^nc latents; decompression doubles the length ``nc`` times by a 1x1 convolution to 2H channels followed by
+a depth-to-space reshape (channels [0:H] -> position 2t, [H:2H] -> position 2t+1), i.e. a transposed
+convolution with kernel 2 and stride 2.
+
+Tensors are batch-first ``(B, T, H)``; ``padding_mask`` is ``(B, T)`` bool, True = padding. Padded positions are
+zeroed after every layer, so a sentence's result does not depend on how much padding its batch has (batching
+invariance). Plain PyTorch: no fairseq import.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _zero_pad(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if padding_mask is None else x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+
+
+def downsample_mask(padding_mask: Optional[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
+    """Padding mask after ``steps`` halvings: a compressed position is real if any of its inputs is."""
+    if padding_mask is None:
+        return None
+    b, t = padding_mask.shape
+    return padding_mask.view(b, t >> steps, 1 << steps).all(-1)
+
+
+def upsample_mask(padding_mask: Optional[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
+    if padding_mask is None:
+        return None
+    return padding_mask.repeat_interleave(1 << steps, dim=1)
+
+
+class ResidualConvBlock(nn.Module):
+    """t2t ``residual_conv``: x + Dropout([ReLU -> Conv(k) -> LayerNorm] x 3 applied to LayerNorm(x))."""
+
+    def __init__(self, dim: int, kernel_size: int = 3, layers: int = 3, dropout: float = 0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2) for _ in range(layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = _zero_pad(self.norm(x), padding_mask)
+        for conv, norm in zip(self.convs, self.norms):
+            y = conv(F.relu(y).transpose(1, 2)).transpose(1, 2)
+            y = _zero_pad(norm(y), padding_mask)
+        return _zero_pad(x + self.dropout(y), padding_mask)
+
+
+class Compressor(nn.Module):
+    """Target embeddings (B, T, H) -> (B, T / 2^nc, H): ``nc`` residual blocks, then ``nc`` stride-2 convolutions.
+
+    T must be a multiple of 2^nc (the model pads the target to one).
+    """
+
+    def __init__(self, dim: int, num_compress_steps: int, kernel_size: int = 3, dropout: float = 0.1):
+        super().__init__()
+        self.steps = num_compress_steps
+        self.residual = nn.ModuleList(
+            ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(max(num_compress_steps, 1))
+        )
+        self.strided = nn.ModuleList(nn.Conv1d(dim, dim, 2, stride=2) for _ in range(num_compress_steps))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_compress_steps))
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if x.size(1) % (1 << self.steps) != 0:
+            raise ValueError(f"length {x.size(1)} is not a multiple of 2^nc = {1 << self.steps}")
+        x = _zero_pad(x, padding_mask)
+        for block in self.residual:
+            x = block(x, padding_mask)
+        for i, (conv, norm) in enumerate(zip(self.strided, self.norms)):
+            padding_mask = downsample_mask(padding_mask, 1)
+            # ReLU -> Conv(kernel 2, stride 2, no bias) -> LayerNorm, as t2t ``conv_block``
+            x = _zero_pad(norm(conv(F.relu(x).transpose(1, 2)).transpose(1, 2)), padding_mask)
+        return x, padding_mask
+
+
+class Decompressor(nn.Module):
+    """Latents (B, L, H) -> (B, L * 2^nc, H): ``nc`` x [residual block, 1x1 conv H -> 2H, depth-to-space]."""
+
+    def __init__(self, dim: int, num_compress_steps: int, kernel_size: int = 3, dropout: float = 0.1):
+        super().__init__()
+        self.steps = num_compress_steps
+        self.residual = nn.ModuleList(
+            ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(num_compress_steps)
+        )
+        self.thicken = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(num_compress_steps))
+        self.norms = nn.ModuleList(nn.LayerNorm(2 * dim) for _ in range(num_compress_steps))
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        for i, (block, lin, norm) in enumerate(zip(self.residual, self.thicken, self.norms)):
+            x = block(x, padding_mask)
+            h = x if i == 0 else F.relu(x)  # t2t: no leading ReLU on the first step
+            h = norm(lin(h))  # (B, L, 2H)
+            b, length, two_h = h.shape
+            x = h.reshape(b, 2 * length, two_h // 2)  # depth-to-space
+            padding_mask = upsample_mask(padding_mask, 1)
+            x = _zero_pad(x, padding_mask)
+        return x, padding_mask
