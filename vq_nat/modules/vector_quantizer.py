@@ -6,7 +6,6 @@ quantized vector fed to the decoder, c_j and m_j the EMA counts and sums of the 
 Plain PyTorch: no fairseq import, so ``image_ae`` and other users can take it alone.
 """
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -85,9 +84,10 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
 
-        # uniform unit scaling (as tensor2tensor's codebook initialiser): each code has norm ~1
-        bound = math.sqrt(3.0 / self.block_dim)
-        init = torch.empty(num_blocks, num_codes, self.block_dim).uniform_(-bound, bound)
+        # e_j ~ N(0, I): codes on the same scale as layer-normalised encoder outputs (unit variance per
+        # coordinate). tensor2tensor's uniform-unit-scaling codes (norm ~1) sit far inside that shell, so the
+        # few codes nearest the origin win every assignment and the rest never get used.
+        init = torch.randn(num_blocks, num_codes, self.block_dim)
         if update == "grad":
             self.embed = nn.Parameter(init)
         else:

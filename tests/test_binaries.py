@@ -1,0 +1,80 @@
+"""End to end through fairseq's own entry points: preprocess -> train -> generate / interactive."""
+import glob
+import logging
+import os
+
+import pytest
+import torch
+
+from fairseq_helpers import generate, hypotheses, interactive, make_copy_task, preprocess, train
+
+N_TEST = 21  # not a multiple of fairseq's --required-batch-size-multiple (8): no sentence may be lost
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    raw = str(root / "raw")
+    make_copy_task(raw, n_train=200, n_valid=16, n_test=N_TEST)
+    # an empty line and an over-long line in the test set: both must still get a hypothesis
+    with open(os.path.join(raw, "test.src"), "a") as f:
+        f.write("\n" + " ".join(["w1"] * 300) + "\n")
+    with open(os.path.join(raw, "test.tgt"), "a") as f:
+        f.write("\n" + " ".join(["w1"] * 300) + "\n")
+    dest = str(root / "bin")
+    preprocess(raw, dest)
+    return dest
+
+
+CASES = [
+    ("vq", "ema"),
+    ("em", "ema"),
+    ("vq", "grad"),
+    ("em", "grad"),
+    ("gumbel", "ema"),
+    ("semhash", "ema"),
+]
+
+
+@pytest.mark.parametrize("bottleneck,update", CASES)
+def test_train_generate_interactive(data_bin, tmp_path, caplog, bottleneck, update):
+    save = str(tmp_path / "ckpt")
+    caplog.set_level(logging.INFO)
+    train(data_bin, save, ["--bottleneck", bottleneck, "--codebook-update", update, "--num-samples", "3",
+                           "--mask-startup-steps", "2", "--word-dropout", "0.3", "--word-shuffle", "0.5"])
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    assert os.path.exists(ckpt)
+    log = caplog.text
+    for key in ("recon_loss", "vq_loss", "lp_loss", "code_ppl", "codes_used", "nll_loss"):
+        assert f"{key}=" in log or f"{key} " in log, key
+
+    out = generate(data_bin, ckpt, ["--scoring", "sacrebleu", "--max-len-b", "40"])
+    hyps = hypotheses(out)
+    assert sorted(hyps) == list(range(N_TEST + 2)), "one hypothesis per test sentence"
+    assert "BLEU" in out  # sacrebleu scoring ran
+
+    lines = ["w1 w2 w3", "", "w4 w5 w6 w7 w8 w9 w10 w11 w1 w2 w3"]
+    out = interactive(data_bin, ckpt, lines)
+    assert sorted(hypotheses(out)) == [0, 1, 2], "one H- line per input line, empty lines included"
+
+
+def test_generate_batch_size_does_not_change_hypotheses(data_bin, tmp_path):
+    save = str(tmp_path / "ckpt")
+    train(data_bin, save, ["--bottleneck", "em", "--max-update", "6", "--mask-startup-steps", "2"])
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    h1 = hypotheses(generate(data_bin, ckpt, ["--batch-size", "1", "--max-len-b", "40"]))
+    h64 = hypotheses(generate(data_bin, ckpt, ["--batch-size", "64", "--max-len-b", "40"]))
+    assert h1 == h64
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(data_bin, tmp_path):
+    save = str(tmp_path / "ckpt")
+    train(data_bin, save, ["--bottleneck", "vq"])
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    state = torch.load(ckpt, weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if "latent_predictor" not in k}
+    bad = str(tmp_path / "bad.pt")
+    torch.save(state, bad)
+    with pytest.raises(RuntimeError, match="does not match this latent_transformer"):
+        generate(data_bin, bad)
+    assert glob.glob(os.path.join(save, "checkpoint*.pt"))

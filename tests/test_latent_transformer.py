@@ -1,0 +1,170 @@
+"""Model-level semantics of the Latent Transformer: schedules, latent targets, batching invariance, noise."""
+import os
+
+import pytest
+import torch
+
+from fairseq_helpers import TINY, USER_DIR
+from vq_nat.models.latent_transformer import masking_probability
+from vq_nat.modules.compression import Compressor, Decompressor
+from vq_nat.modules.denoising import word_dropout, word_shuffle
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    d = tmp_path_factory.mktemp("dicts")
+    for lang in ("src", "tgt"):
+        with open(d / f"dict.{lang}.txt", "w") as f:
+            for i in range(12):
+                f.write(f"w{i} {100 - i}\n")
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser,
+        [str(d), "--user-dir", USER_DIR, "--task", "latent_translation", "--criterion", "latent_vq",
+         "--source-lang", "src", "--target-lang", "tgt", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+         "--bottleneck", "em", "--num-samples", "4", "--mask-startup-steps", "100", "--dropout", "0"] + TINY,
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return task, model, criterion
+
+
+def make_sample(task, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = task.target_dictionary
+    pad, eos = d.pad(), d.eos()
+    b, t = len(lengths), max(lengths) + 1
+    src = torch.full((b, t), pad)
+    tgt = torch.full((b, t), pad)
+    for i, n in enumerate(lengths):
+        words = torch.randint(d.nspecial, len(d), (n,), generator=g)
+        src[i, t - n - 1 : t - 1] = words  # fairseq left-pads the source
+        src[i, t - 1] = eos
+        tgt[i, :n] = words.flip(0)
+        tgt[i, n] = eos
+    return {
+        "id": torch.arange(b),
+        "nsentences": b,
+        "ntokens": int(tgt.ne(pad).sum()),
+        "net_input": {"src_tokens": src, "src_lengths": torch.tensor([n + 1 for n in lengths])},
+        "target": tgt,
+    }
+
+
+def test_masking_schedule_matches_tensor2tensor():
+    # values of t2t transformer_nat's masking with mask_startup_steps = 50000
+    for step, want in [(0, 1e-4), (6250, 0.0134), (12500, 0.2575), (25000, 0.505), (50000, 1.0), (90000, 1.0)]:
+        assert masking_probability(step, 50000) == pytest.approx(want, rel=0.01, abs=1e-6)
+    assert masking_probability(0, 0) == 1.0
+
+
+def test_train_step_passes_the_update_number_to_the_model(built):
+    task, model, criterion = built
+    from fairseq.optim.adam import FairseqAdam
+
+    opt = FairseqAdam(type("C", (), {"lr": [1e-3], "adam_betas": "(0.9, 0.999)", "adam_eps": 1e-8,
+                                     "weight_decay": 0.0, "use_old_adam": False, "fp16_adam_stats": False,
+                                     "tpu": False})(), list(model.parameters()))
+    sample = make_sample(task, [5, 9, 3])
+    _, _, log = task.train_step(sample, model, criterion, opt, update_num=37)
+    assert model.decoder.num_updates == 37
+    assert log["masking"] == pytest.approx(masking_probability(37, 100))
+    # the latent-predictor loss is gated until --latent-loss-start (default: --mask-startup-steps)
+    assert model.decoder.latent_loss_weight() == 0.0
+    model.set_num_updates(101)
+    assert model.decoder.latent_loss_weight() == 1.0
+
+
+def test_latent_targets_end_symbol_after_each_sentence(built):
+    task, model, _ = built
+    model.eval()
+    sample = make_sample(task, [2, 7, 16])  # 3, 8, 17 tokens with EOS -> 1, 1, 3 latents (nc = 3)
+    out = model(**sample["net_input"], target=sample["target"])
+    lt = out["latent_targets"]  # (B, L + 1, blocks, K + 1)
+    k = model.decoder.num_codes
+    assert lt.shape == (3, 4, 1, k + 1)
+    lengths = (~out["latent_padding_mask"]).sum(1).tolist()
+    assert lengths == [1, 1, 3]
+    for i, n in enumerate(lengths):
+        assert lt[i, n, 0, k] == 1.0  # END right after the last latent
+        assert torch.allclose(lt[i, :n, 0, :k].sum(-1), torch.ones(n))  # averaged one-hots of the samples
+        assert (lt[i, n + 1 :] == 0).all()
+    assert out["logits"].shape[:2] == sample["target"].shape
+
+
+def test_autoencoder_and_decoder_are_batching_invariant(built):
+    task, model, criterion = built
+    model.eval()
+    dec = model.decoder
+    sample = make_sample(task, [4, 11, 6], seed=3)
+    pad_id = task.target_dictionary.pad()
+    with torch.no_grad():
+        enc = model.encoder(**sample["net_input"])
+        tgt = dec.pad_to_multiple(sample["target"])
+        z_e, lpad = dec.encode_target(tgt, enc)
+        logits = dec.decode(z_e, lpad, enc)
+        for i in range(3):
+            n = int(sample["target"][i].ne(pad_id).sum())
+            src = sample["net_input"]["src_tokens"][i : i + 1]
+            src = src[:, src[0].ne(pad_id)]
+            enc1 = model.encoder(src, src_lengths=torch.tensor([src.size(1)]))
+            z1, lpad1 = dec.encode_target(dec.pad_to_multiple(sample["target"][i : i + 1, :n]), enc1)
+            nl = z1.size(1)
+            torch.testing.assert_close(z1[0], z_e[i, :nl], rtol=1e-4, atol=1e-4)
+            out1 = dec.decode(z1, lpad1, enc1)
+            torch.testing.assert_close(out1[0, :n], logits[i, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_stops_at_end_and_cuts_at_eos(built):
+    task, model, _ = built
+    model.eval()
+    gen = task.build_generator([model], type("A", (), {"max_len_a": 0, "max_len_b": 50})())
+    sample = make_sample(task, [3, 8])
+    hypos = gen.generate([model], sample)
+    assert len(hypos) == 2
+    for h in hypos:
+        toks = h[0]["tokens"]
+        assert toks[-1] == task.target_dictionary.eos()
+        assert (toks[:-1] != task.target_dictionary.eos()).all()
+        assert len(toks) <= 50 + 1 and len(h[0]["positional_scores"]) == len(toks)
+        assert 1 <= len(h[0]["latents"]) <= (50 + 7) // 8
+
+
+def test_compress_decompress_lengths_and_padding_invariance():
+    torch.manual_seed(0)
+    comp, decomp = Compressor(8, 2).eval(), Decompressor(8, 2).eval()
+    x = torch.randn(2, 12, 8)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 5:] = True
+    z, zpad = comp(x, pad)
+    assert z.shape == (2, 3, 8) and zpad.tolist() == [[False] * 3, [False, False, True]]
+    z1, _ = comp(x[1:, :8], pad[1:, :8])  # the same sentence alone, padded only to a multiple of 4
+    torch.testing.assert_close(z1[0, :2], z[1, :2], rtol=1e-5, atol=1e-5)
+    y, ypad = decomp(z, zpad)
+    assert y.shape == (2, 12, 8) and ypad[1].sum() == 4
+    with pytest.raises(ValueError, match="multiple of 2"):
+        comp(torch.randn(1, 7, 8))
+
+
+def test_denoising_noise():
+    torch.manual_seed(0)
+    tokens = torch.arange(4, 24).view(2, 10)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, :7] = True
+    shuffled = word_shuffle(tokens, mask, p=1.0, k=3)
+    assert torch.equal(shuffled[:, 7:], tokens[:, 7:])  # EOS / padding stay
+    for i in range(2):
+        assert sorted(shuffled[i, :7].tolist()) == tokens[i, :7].tolist()
+        moved = [abs(shuffled[i].tolist().index(t) - j) for j, t in enumerate(tokens[i, :7].tolist())]
+        assert max(moved) <= 3
+    assert torch.equal(word_shuffle(tokens, mask, p=0.0), tokens)
+    dropped = word_dropout(tokens, mask, p=0.5, unk=3)
+    assert torch.equal(dropped[:, 7:], tokens[:, 7:])
+    assert ((dropped == tokens) | (dropped == 3)).all()
+    assert 0 < (dropped == 3).sum() < 14
