@@ -16,12 +16,14 @@ update are all timed. After warm-up the methods are timed interleaved (matmul ha
 ...) for --repeats rounds; the report gives medians with min..max, tokens/s = N / median time, and the target
 ratios as the median over rounds of the per-round (paired) ratio, with its min..max.
 
-Peak memory: each method is run in a fresh subprocess (these run concurrently, before the timing). On CUDA it is torch.cuda.max_memory_allocated() during one
-step minus memory_allocated() before it. On CPU it is the increase of the process's resident set during one step:
+Peak memory: each method is run in a fresh process before the timing (CPU: a child forked before any tensor op;
+CUDA: a new interpreter). On CUDA it is torch.cuda.max_memory_allocated() during one step minus memory_allocated()
+before it. On CPU it is the increase of the process's resident set during one step:
 after a warm-up step, VmRSS is read, the kernel's RSS high-water mark is reset (/proc/self/clear_refs, mode 5) and
-VmHWM is read after the step; glibc is told to mmap every allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so that
-freed tensors leave the resident set at once and the high-water mark tracks the live tensors (plus page-granular
-overhead). The matmul row's memory is that of the distance matrix itself (torch.mm without a preallocated output).
+VmHWM is read after the step; glibc is told to mmap every allocation >= 64 KiB (mallopt M_MMAP_THRESHOLD, or
+MALLOC_MMAP_THRESHOLD_ for a new interpreter) so that freed tensors leave the resident set at once and the
+high-water mark tracks the live tensors (plus page-granular overhead; the kernel's RSS counters are exact to a few
+hundred KiB). The matmul row's memory is that of the distance matrix itself (torch.mm without a preallocated output).
 
     python scripts/bench_quantizer.py                    # K=4096, D=512, N=8192, m=10, 7 rounds
     python scripts/bench_quantizer.py --quick            # tiny sizes, seconds (used by the tests)
@@ -29,7 +31,6 @@ overhead). The matmul row's memory is that of the distance matrix itself (torch.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -85,12 +86,12 @@ def build(method, args, device, for_memory=False):
     """Return a zero-argument function that runs one step of ``method`` (setup is not timed)."""
     n, k, d = args.num_tokens, args.num_codes, args.dim
     gen = torch.Generator().manual_seed(args.seed)
-    # encoder outputs with norm ~1, like the codebook initialisations of both implementations
-    z_data = (torch.randn(1, n, d, generator=gen) / math.sqrt(d)).to(device)
+    # encoder outputs with unit variance per coordinate (layer-normalised; the scale of our N(0, I) codebook)
+    z_data = torch.randn(1, n, d, generator=gen).to(device)
 
     if method == "matmul":
         x = z_data.reshape(n, d)
-        codebook = (torch.randn(k, d, generator=gen) / math.sqrt(d)).to(device)
+        codebook = torch.randn(k, d, generator=gen).to(device)
         if for_memory:  # the distance matrix itself
             return lambda: torch.mm(x, codebook.t())
         out = torch.empty(n, k, device=device)
@@ -109,6 +110,7 @@ def build(method, args, device, for_memory=False):
             z_e.grad = None
             out = vq(z_e)
             ((out.quantized * g).sum() + out.loss).backward()
+            step.codes = out.codes  # kept (not inspected) for the codes-used sanity column
     else:
         from vector_quantize_pytorch import VectorQuantize
 
@@ -117,8 +119,9 @@ def build(method, args, device, for_memory=False):
 
         def step():
             z_e.grad = None
-            quantized, _, loss = vq(z_e)
+            quantized, codes, loss = vq(z_e)
             ((quantized * g).sum() + loss).backward()
+            step.codes = codes
 
     step.z_e = z_e
     return step
@@ -133,10 +136,10 @@ def _status_kib(field):
     raise KeyError(field)
 
 
-def memory_worker(args):
-    """Runs in a fresh process: peak memory added by one step of args.memory_worker, printed as JSON."""
+def peak_memory_of_step(method, args):
+    """Peak memory (bytes) that one step of ``method`` adds; call in a process that has run no step yet."""
     device = torch.device(args.device)
-    fn = build(args.memory_worker, args, device, for_memory=True)
+    fn = build(method, args, device, for_memory=True)
     fn()  # warm-up: lazy library initialisation, first touch of code pages
     if hasattr(fn, "z_e"):
         fn.z_e.grad = None
@@ -147,22 +150,69 @@ def memory_worker(args):
         fn()
         sync(device)
         peak = torch.cuda.max_memory_allocated(device)
-        what = "cuda max_memory_allocated"
     else:
         base = _status_kib("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the RSS high-water mark (VmHWM) to the current RSS
         fn()
         peak = _status_kib("VmHWM") * 1024
-        what = "RSS high-water mark"
-    print(json.dumps({"method": args.memory_worker, "peak_bytes": max(peak - base, 0), "what": what}))
+    return max(peak - base, 0)
+
+
+def memory_worker(args):
+    """``--_memory-worker METHOD``: runs in a fresh interpreter, prints the result as JSON."""
+    print(json.dumps({"method": args.memory_worker, "peak_bytes": peak_memory_of_step(args.memory_worker, args)}))
+
+
+def _mmap_large_allocations():
+    """glibc: serve every allocation >= 64 KiB by mmap (freed at once); as MALLOC_MMAP_THRESHOLD_=65536."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536) != 1:
+        raise OSError("mallopt(M_MMAP_THRESHOLD) failed")
+
+
+def _forked_memory(args, method):
+    """Peak memory of ``method`` in a forked child (modules already imported, no step run in this process)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(r)
+            _mmap_large_allocations()
+            os.write(w, str(peak_memory_of_step(method, args)).encode())
+            code = 0
+        except BaseException as e:  # noqa: BLE001
+            os.write(2, f"memory measurement of {method} failed in the child: {e!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not text:
+        raise RuntimeError(f"child exited with status {status}")
+    return int(text)
 
 
 def measure_memory(args, methods):
-    """Peak memory per method, each in its own fresh subprocess; None where it failed.
+    """Peak memory per method, each in its own fresh process (before any timing); None where it failed.
 
-    The subprocesses run concurrently (before any timing): each one's measurement is of its own process only.
+    CPU on Linux: a child forked from this process (which has imported everything but has not run a single
+    tensor op yet, so no OpenMP pool or allocator state is inherited), one at a time. Otherwise (CUDA, which
+    must not be forked): a new interpreter per method (``--_memory-worker``), run concurrently.
     """
+    result = {}
+    if torch.device(args.device).type == "cpu" and sys.platform.startswith("linux"):
+        for method in methods:
+            try:
+                result[method] = _forked_memory(args, method)
+            except Exception as e:  # noqa: BLE001
+                print(f"warning: memory measurement of {method} failed: {e}", file=sys.stderr)
+                result[method] = None
+        return result
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     common = ["-K", str(args.num_codes), "-D", str(args.dim), "-N", str(args.num_tokens),
               "-m", str(args.num_samples), "--device", args.device, "--seed", str(args.seed)]
@@ -173,7 +223,6 @@ def measure_memory(args, methods):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for m in methods
     }
-    result = {}
     for method, proc in procs.items():
         out, err = proc.communicate()
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
@@ -200,7 +249,8 @@ def time_methods(args, methods, device):
             steps[m]()
             sync(device)
             times[m].append(time.perf_counter() - t0)
-    return times
+    codes_used = {m: steps[m].codes.unique().numel() / args.num_codes for m in methods if hasattr(steps[m], "codes")}
+    return times, codes_used
 
 
 def fmt_spread(values, scale=1.0, digits=1):
@@ -233,6 +283,8 @@ def main(argv=None):
     print(f"machine: os.cpu_count={os.cpu_count()} sched_affinity={len(os.sched_getaffinity(0))} "
           f"torch.get_num_threads={torch.get_num_threads()} torch={torch.__version__} "
           f"device={device} ({dev_name})")
+    import vq_nat.modules  # noqa: F401  (imported before the memory children are forked)
+
     try:
         import vector_quantize_pytorch  # noqa: F401
         from importlib.metadata import version
@@ -247,21 +299,22 @@ def main(argv=None):
     flops = 2.0 * args.num_tokens * args.num_codes * args.dim
 
     memory = {} if args.no_memory else measure_memory(args, methods)
-    times = time_methods(args, methods, device)
+    times, codes_used = time_methods(args, methods, device)
 
     labels = {"matmul": "matmul bound (N x D @ D x K)", "hard": "ours hard EM (ema)",
               "soft": f"ours soft EM m={args.num_samples} (ema)", "vqp": "vector-quantize-pytorch (ema)"}
     mem_what = "cuda max_memory_allocated" if device.type == "cuda" else "RSS increase"
     print()
-    print(f"{'method':<34} {'median ms':>10} {'min..max ms':>19} {'tokens/s':>12} {'peak MiB':>9}")
+    print(f"{'method':<34} {'median ms':>10} {'min..max ms':>19} {'tokens/s':>12} {'peak MiB':>9} {'codes used':>10}")
     for m in methods:
         med = statistics.median(times[m])
         mem = memory.get(m)
         mem_s = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
         print(f"{labels[m]:<34} {med * 1e3:>10.2f} {fmt_spread(times[m], 1e3, 2):>19} "
-              f"{args.num_tokens / med:>12.0f} {mem_s:>9}")
+              f"{args.num_tokens / med:>12.0f} {mem_s:>9} {codes_used.get(m, float('nan')):>10.3f}")
     print(f"(matmul: {flops / statistics.median(times['matmul']) / 1e9:.1f} GFLOP/s; "
-          f"peak MiB = {mem_what} during one step, fresh process per method)")
+          f"peak MiB = {mem_what} during one step, fresh process per method; "
+          f"codes used = fraction of the K codes drawn in the last timed step, a sanity check)")
     print()
     for name, (num, den, cmp, thr, meaning) in TARGETS.items():
         if num not in times or den not in times:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The main job: Multi30k En->De with a small Latent Transformer trained by soft EM, on CPU.
+#   prepare (sacremoses + joint BPE + fairseq-preprocess) -> fairseq-train latent_transformer_tiny
+#   -> fairseq-generate test2016 -> sacreBLEU (detokenized, cased) and ms/sentence at batch 1 and 64.
+#
+#   bash examples/quickstart.sh                 # defaults: about 20 minutes on 2 CPU cores
+#   MAX_UPDATE=6000 BOTTLENECK=vq bash examples/quickstart.sh    # scale up / change the bottleneck
+#
+# Environment: MULTI30K_DIR (raw data; default ../shared/data/multi30k, downloaded when missing and online),
+# WORK_DIR (default runs/quickstart), MAX_UPDATE, BOTTLENECK (em|vq|gumbel|semhash), NUM_SAMPLES, MERGES,
+# MASK_STARTUP, VENV (default .venv in the checkout, created by scripts/install.sh when missing).
+# Resumable: rerun the same command and training continues from the last checkpoint.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${VENV:-$root/.venv}"
+[ -x "$venv/bin/fairseq-train" ] || bash scripts/install.sh "$venv"
+export PATH="$venv/bin:$PATH"
+
+raw="${MULTI30K_DIR:-$root/../shared/data/multi30k}"
+work="${WORK_DIR:-$root/runs/quickstart}"
+max_update="${MAX_UPDATE:-1200}"
+bottleneck="${BOTTLENECK:-em}"
+num_samples="${NUM_SAMPLES:-10}"
+merges="${MERGES:-6000}"
+mask_startup="${MASK_STARTUP:-500}"
+data="$work/data"
+
+if [ ! -f "$data/bin/dict.en.txt" ]; then
+  bash scripts/prepare-multi30k.sh "$raw" "$data" --merges "$merges"
+fi
+
+echo "quickstart: training latent_transformer_tiny ($bottleneck) for $max_update updates"
+fairseq-train "$data/bin" --user-dir vq_nat --task latent_translation --arch latent_transformer_tiny \
+  --criterion latent_vq --bottleneck "$bottleneck" --num-samples "$num_samples" --share-all-embeddings \
+  --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 \
+  --max-tokens 4096 --max-update "$max_update" --mask-startup-steps "$mask_startup" --dropout 0.1 \
+  --save-dir "$work/checkpoints" --no-epoch-checkpoints --validate-interval-updates 400 --save-interval-updates 400 \
+  --keep-interval-updates 1 --log-interval 50 --no-progress-bar --num-workers 0 --cpu \
+  2>&1 | grep -E "train_inner|valid on|done training|Error|error" || true
+ckpt="$work/checkpoints/checkpoint_last.pt"
+[ -f "$ckpt" ] || { echo "quickstart: training produced no checkpoint" >&2; exit 1; }
+
+echo "quickstart: decoding test2016"
+for bs in 64 1; do
+  fairseq-generate "$data/bin" --user-dir vq_nat --task latent_translation --path "$ckpt" --gen-subset test \
+    --batch-size "$bs" --remove-bpe --cpu --num-workers 0 --max-len-a 1.2 --max-len-b 10 > "$work/gen.b$bs.txt" 2>&1
+done
+python - "$work" "$data" <<'PY'
+import re, sys
+from sacrebleu.metrics import BLEU
+from sacremoses import MosesDetokenizer
+work, data = sys.argv[1], sys.argv[2]
+md = MosesDetokenizer(lang="de")
+hyp = {}
+for line in open(f"{work}/gen.b64.txt", encoding="utf-8"):
+    if line.startswith("H-"):
+        i, _, text = line.rstrip("\n").split("\t")
+        hyp[int(i[2:])] = md.detokenize(text.split())
+refs = [l.rstrip("\n") for l in open(f"{data}/raw/test.de", encoding="utf-8")]
+assert len(hyp) == len(refs), f"{len(hyp)} hypotheses for {len(refs)} references"
+bleu = BLEU()
+score = bleu.corpus_score([hyp[i] for i in range(len(refs))], [refs])
+print(f"quickstart: test2016 sacreBLEU (detokenized, cased) = {score.score:.2f}  [{bleu.get_signature()}]")
+for bs in (64, 1):
+    log = open(f"{work}/gen.b{bs}.txt").read()
+    m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s", log)
+    n, secs = int(m.group(1).replace(",", "")), float(m.group(2))
+    print(f"quickstart: batch {bs}: {1000 * secs / n:.1f} ms/sentence ({n} sentences in {secs:.1f}s)")
+PY

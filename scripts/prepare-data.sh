@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Raw parallel text -> sacremoses normalisation + tokenisation -> subword-nmt joint BPE -> fairseq-preprocess.
+#
+#   bash scripts/prepare-data.sh RAW_DIR OUT_DIR [--src en] [--tgt de] [--merges 8000] [--workers 2]
+#
+# RAW_DIR holds {train,valid,test}.{SRC,TGT} (plain or .gz), one sentence per line, line-aligned.
+# OUT_DIR gets tok/ (tokenised), bpe/ (BPE codes + segmented text) and bin/ (fairseq binary data with a
+# joined dictionary). Every sentence pair is kept (empty lines too): fairseq's training-time size filters decide.
+# Tools come from PATH (the active environment): sacremoses, subword-nmt, fairseq-preprocess.
+set -euo pipefail
+
+die() { echo "prepare-data.sh: error: $*" >&2; exit 1; }
+[ $# -ge 2 ] || die "usage: prepare-data.sh RAW_DIR OUT_DIR [--src en] [--tgt de] [--merges 8000] [--workers 2]"
+raw="$1"; out="$2"; shift 2
+src=en; tgt=de; merges=8000; workers=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --src) src="$2"; shift 2 ;;
+    --tgt) tgt="$2"; shift 2 ;;
+    --merges) merges="$2"; shift 2 ;;
+    --workers) workers="$2"; shift 2 ;;
+    *) die "unknown option $1" ;;
+  esac
+done
+
+for tool in sacremoses subword-nmt fairseq-preprocess; do
+  command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found on PATH (activate the environment: source .venv/bin/activate)"
+done
+[ -d "$raw" ] || die "no such directory: $raw"
+
+cat_any() { case "$1" in *.gz) gzip -cd "$1" ;; *) cat "$1" ;; esac; }
+find_file() {  # split lang -> path of the plain or gzipped file
+  for f in "$raw/$1.$2" "$raw/$1.$2.gz"; do [ -f "$f" ] && { echo "$f"; return; }; done
+  die "missing file: $raw/$1.$2 (or $raw/$1.$2.gz)"
+}
+
+mkdir -p "$out/tok" "$out/bpe"
+for split in train valid test; do
+  fs="$(find_file "$split" "$src")"; ft="$(find_file "$split" "$tgt")"
+  ns=$(cat_any "$fs" | wc -l); nt=$(cat_any "$ft" | wc -l)
+  [ "$ns" -eq "$nt" ] || die "$split: $fs has $ns lines but $ft has $nt (not line-aligned)"
+  for lang in "$src" "$tgt"; do
+    f="$(find_file "$split" "$lang")"
+    echo "prepare-data.sh: tokenising $f ($ns lines)"
+    cat_any "$f" | sacremoses -q -l "$lang" -j "$workers" normalize | \
+      sacremoses -q -l "$lang" -j "$workers" tokenize -a > "$out/tok/$split.$lang"
+    n=$(wc -l < "$out/tok/$split.$lang")
+    [ "$n" -eq "$ns" ] || die "tokenisation changed the line count of $f ($ns -> $n)"
+  done
+done
+
+echo "prepare-data.sh: learning joint BPE ($merges merges)"
+subword-nmt learn-joint-bpe-and-vocab --input "$out/tok/train.$src" "$out/tok/train.$tgt" -s "$merges" \
+  -o "$out/bpe/codes" --write-vocabulary "$out/bpe/vocab.$src" "$out/bpe/vocab.$tgt"
+for split in train valid test; do
+  for lang in "$src" "$tgt"; do
+    subword-nmt apply-bpe -c "$out/bpe/codes" --vocabulary "$out/bpe/vocab.$lang" --vocabulary-threshold 1 \
+      < "$out/tok/$split.$lang" > "$out/bpe/$split.$lang"
+  done
+done
+
+echo "prepare-data.sh: binarising"
+rm -rf "$out/bin"
+fairseq-preprocess --source-lang "$src" --target-lang "$tgt" --joined-dictionary \
+  --trainpref "$out/bpe/train" --validpref "$out/bpe/valid" --testpref "$out/bpe/test" \
+  --destdir "$out/bin" --workers "$workers" > "$out/preprocess.log" 2>&1 || { cat "$out/preprocess.log" >&2; die "fairseq-preprocess failed"; }
+echo "prepare-data.sh: done: $out/bin ($(wc -l < "$out/bin/dict.$src.txt") dictionary entries)"
