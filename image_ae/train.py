@@ -183,13 +183,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tenso
     return perm[: steps * bs].view(steps, bs)
 
 
-def fetch(ds, idx: torch.Tensor, num_workers: int = 0) -> torch.Tensor:
+def iterate_batches(ds, batches: torch.Tensor, num_workers: int = 0):
+    """Yield float image batches for the given rows of index batches (in memory, or through a DataLoader)."""
     if ds.images is not None:
-        return ds.images[idx].float().div_(255.0)
-    if num_workers > 0:
-        loader = torch.utils.data.DataLoader(ds, batch_size=len(idx), sampler=idx.tolist(), num_workers=num_workers)
-        return next(iter(loader))
-    return torch.stack([ds[i] for i in idx.tolist()])
+        for idx in batches:
+            yield ds.images[idx].float().div_(255.0)
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers)
+    yield from loader
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -209,9 +210,8 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # soft-EM sampling here must not move the training RNG
         torch.manual_seed(args.seed)
-        for start in range(0, n, args.eval_batch_size):
-            idx = torch.arange(start, min(n, start + args.eval_batch_size))
-            x = fetch(test, idx, args.num_workers).to(device)
+        for x in iterate_batches(test, torch.arange(n).split(args.eval_batch_size), args.num_workers):
+            x = x.to(device)
             recon, out, z_e = model(x)
             recon = recon.clamp(0.0, 1.0)
             sq_err += float(((recon - x) ** 2).double().sum())
@@ -313,6 +313,14 @@ def load_checkpoint(path: str) -> dict:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Train (or resume) and return the final evaluation's metrics."""
     args = get_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)  # --threads only for this call (main() is also used as a library)
+
+
+def _main(args) -> dict:
     if args.batch_size < 1 or (args.max_steps is not None and args.max_steps < 0):
         raise SystemExit("--batch-size must be >= 1 and --max-steps >= 0")
     os.makedirs(args.save_dir, exist_ok=True)
@@ -377,6 +385,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= step])
         write_jsonl(log_path, [r for r in read_jsonl(log_path) if r["step"] <= step])
     else:
+        if os.path.exists(os.path.join(args.save_dir, CHECKPOINT)):
+            logger.info("starting from scratch in %s (no --resume): its checkpoint and logs are replaced",
+                        args.save_dir)
         for p in (metrics_path, log_path):
             if os.path.exists(p):
                 os.remove(p)
@@ -401,16 +412,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     bar = tqdm(total=total, initial=min(step, total), desc=f"{config.bottleneck}", unit="step",
                disable=args.no_progress, mininterval=1.0, dynamic_ncols=True)
     model.train()
-    batches, batches_epoch = None, -1
+    batch_iter, batches_epoch = None, -1
     last_metrics = None
     ckpt_path = os.path.join(args.save_dir, CHECKPOINT)
     t0 = time.time()
     run_loss = None
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
-        if epoch != batches_epoch:
-            batches, batches_epoch = epoch_batches(len(train), args.batch_size, args.seed, epoch), epoch
-        x = fetch(train, batches[offset], args.num_workers).to(device, non_blocking=True)
+        if epoch != batches_epoch:  # new epoch, or resuming in the middle of one
+            batches = epoch_batches(len(train), args.batch_size, args.seed, epoch)
+            batch_iter, batches_epoch = iterate_batches(train, batches[offset:], args.num_workers), epoch
+        x = next(batch_iter).to(device, non_blocking=True)
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr

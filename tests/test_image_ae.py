@@ -16,7 +16,7 @@ from image_ae.models import ImageAutoencoder, build_config  # noqa: E402
 
 TINY = ["--arch", "vqvae", "--hidden-dim", "8", "--res-hidden-dim", "4", "--code-dim", "4", "--num-codes", "8",
         "--image-size", "16", "--batch-size", "4", "--eval-batch-size", "5", "--log-interval", "1",
-        "--no-progress", "--num-recon", "4"]
+        "--no-progress", "--num-recon", "4", "--threads", "1"]
 
 
 def _write_images(folder, n, sizes, modes, seed):
@@ -110,10 +110,18 @@ def test_grayscale_heldout_split_and_paper_preset(gray_folder, tmp_path):
     m = ia_train.main(["--dataset", "imagefolder", "--data-dir", gray_folder, "--save-dir", str(save),
                        "--arch", "paper", "--hidden-dim", "8", "--code-dim", "4", "--num-codes", "8",
                        "--image-size", "16", "--batch-size", "3", "--max-steps", "2", "--no-progress",
-                       "--no-plots", "--bottleneck", "em", "--num-samples", "2"])
+                       "--no-plots", "--bottleneck", "em", "--num-samples", "2", "--threads", "1"])
     assert m["step"] == 2 and m["eval_images"] == 1
     assert PIL.open(save / "recon_2.png").mode in ("L", "RGB")
     assert _state(save)["args"]["channels"] == 1
+
+
+def test_files_read_on_demand_match_in_memory(split_folder, tmp_path):
+    a = _run(split_folder, tmp_path / "mem", "--max-steps", "4", "--no-plots")
+    b = _run(split_folder, tmp_path / "lazy", "--max-steps", "4", "--no-plots", "--no-cache", "--num-workers", "1")
+    assert a["mse"] == b["mse"]
+    sa, sb = _state(tmp_path / "mem")["model"], _state(tmp_path / "lazy")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_paper_preset_latent_field():

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Decoding speed, side by side: the Latent Transformer against an autoregressive fairseq transformer.
+
+    python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
+        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu]
+
+Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C A B C ...) over
+``--repeats`` rounds after one warm-up round, and prints the median (and min-max) ms/sentence per model and batch
+size. The last line is ``speedup batch1=X.XX batch64=Y.YY``: LT against AR greedy (median ratios). Wall-clock
+times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
+(not data loading). Use the same machine and thread count for both, as here.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def load(path, data, user_dir_task):
+    from fairseq import checkpoint_utils
+
+    overrides = {"data": data}
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides)
+    for m in models:
+        m.eval()
+    return models, cfg, task
+
+
+def batches(task, subset, batch_size, max_sentences, models):
+    from fairseq import utils
+
+    ds = task.dataset(subset)
+    itr = task.get_batch_iterator(
+        ds, max_sentences=batch_size, required_batch_size_multiple=1,
+        max_positions=utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models]),
+        ignore_invalid_inputs=True,
+    ).next_epoch_itr(shuffle=False)
+    out, n = [], 0
+    for sample in itr:
+        if n >= max_sentences:
+            break
+        out.append(sample)
+        n += sample["nsentences"]
+    return out, n
+
+
+def time_generation(task, generator, models, samples, device):
+    from fairseq import utils
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for sample in samples:
+            sample = utils.move_to_cuda(sample) if device == "cuda" else sample
+            hypos = task.inference_step(generator, models, sample)
+            for h in hypos:  # what fairseq-generate reads of every hypothesis
+                h[0]["tokens"].int().cpu()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data")
+    p.add_argument("--lt-path", required=True)
+    p.add_argument("--ar-path", required=True)
+    p.add_argument("--gen-subset", default="test")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--max-sentences", type=int, default=200, help="sentences decoded per model and round")
+    p.add_argument("--ar-beams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--max-len-a", type=float, default=1.2)
+    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args(argv)
+
+    import vq_nat  # noqa: F401  (registers the plugin; fixes for the fairseq build)
+    from fairseq.sequence_generator import SequenceGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    lt_models, _, lt_task = load(args.lt_path, args.data, True)
+    ar_models, _, ar_task = load(args.ar_path, args.data, False)
+    for m in lt_models + ar_models:
+        m.to(device)
+    for t in (lt_task, ar_task):
+        t.load_dataset(args.gen_subset)
+    gen_args = argparse.Namespace(max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+    runners = {"LT": (lt_task, lt_task.build_generator(lt_models, gen_args), lt_models)}
+    for beam in args.ar_beams:
+        gen = SequenceGenerator(ar_models, ar_task.target_dictionary, beam_size=beam,
+                                max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+        runners[f"AR beam{beam}" if beam > 1 else "AR greedy"] = (ar_task, gen, ar_models)
+
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"subset={args.gen_subset} repeats={args.repeats} (+1 warm-up)")
+    medians = {}
+    for bs in args.batch_sizes:
+        data = {name: batches(task, args.gen_subset, bs, args.max_sentences, models)
+                for name, (task, _, models) in runners.items()}
+        times = {name: [] for name in runners}
+        for r in range(args.repeats + 1):
+            for name, (task, gen, models) in runners.items():
+                samples, n = data[name]
+                secs = time_generation(task, gen, models, samples, device)
+                if r > 0:
+                    times[name].append(1000.0 * secs / n)
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            medians[(name, bs)] = med
+            print(f"batch {bs:3d}  {name:10s} {med:8.2f} ms/sentence  (min {min(ts):.2f}, max {max(ts):.2f}, "
+                  f"{data[name][1]} sentences x {len(ts)} rounds)")
+    for bs in args.batch_sizes:
+        for name in runners:
+            if name != "LT":
+                print(f"ratio batch{bs}: {name} / LT = {medians[(name, bs)] / medians[('LT', bs)]:.2f}")
+    speed = " ".join(f"batch{bs}={medians[('AR greedy', bs)] / medians[('LT', bs)]:.2f}"
+                     for bs in args.batch_sizes if ("AR greedy", bs) in medians)
+    print(f"speedup {speed}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
