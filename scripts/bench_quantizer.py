@@ -11,19 +11,23 @@ One training step = forward + backward + codebook update, for N tokens of dimens
            kmeans_init=False, rotation_trick=False)  (EMA codebook update; straight-through gradient as ours)
 
 Every step (except matmul) runs in train mode with z_e.requires_grad, and backpropagates
-``(quantized * g).sum() + loss`` for a fixed random upstream gradient g, so the forward, the backward and the EMA
-update are all timed. After warm-up the methods are timed interleaved (matmul hard soft vqp, matmul hard soft vqp,
-...) for --repeats rounds; the report gives medians with min..max, tokens/s = N / median time, and the target
-ratios as the median over rounds of the per-round (paired) ratio, with its min..max.
+``(quantized * g).sum() + loss`` for a fixed random upstream gradient g (as ``torch.autograd.backward((quantized,
+loss), (g, 1))``: the same gradients without timing the benchmark's own N x D product), so the forward, the backward
+and the EMA update are all timed. Each step starts from the module's initial codebook and EMA state (restored,
+untimed, before every step), so every round times the same computation on the same data. After warm-up the methods
+are timed interleaved (matmul hard soft vqp, matmul hard soft vqp, ...) for --repeats rounds; the report gives
+medians with min..max, tokens/s = N / median time, and the target ratios as the median over rounds of the per-round
+(paired) ratio, with its min..max (and the ratio of the medians).
 
 Peak memory: each method is run in a fresh process before the timing (CPU: a child forked before any tensor op;
 CUDA: a new interpreter). On CUDA it is torch.cuda.max_memory_allocated() during one step minus memory_allocated()
-before it. On CPU it is the increase of the process's resident set during one step:
-after a warm-up step, VmRSS is read, the kernel's RSS high-water mark is reset (/proc/self/clear_refs, mode 5) and
-VmHWM is read after the step; glibc is told to mmap every allocation >= 64 KiB (mallopt M_MMAP_THRESHOLD, or
-MALLOC_MMAP_THRESHOLD_ for a new interpreter) so that freed tensors leave the resident set at once and the
-high-water mark tracks the live tensors (plus page-granular overhead; the kernel's RSS counters are exact to a few
-hundred KiB). The matmul row's memory is that of the distance matrix itself (torch.mm without a preallocated output).
+before it. On CPU it is the increase of the process's resident set during one step: after a warm-up step, glibc's
+free heap pages are returned (malloc_trim), VmRSS is read, the kernel's RSS high-water mark is reset
+(/proc/self/clear_refs, mode 5) and VmHWM is read after the step; glibc is told to mmap every allocation >= 64 KiB
+(mallopt M_MMAP_THRESHOLD, or MALLOC_MMAP_THRESHOLD_ for a new interpreter) so that freed tensors leave the resident
+set at once and the high-water mark tracks the live tensors (plus page-granular overhead; the kernel's RSS counters
+are exact to a few hundred KiB). The matmul row's memory is that of the distance matrix itself (torch.mm without a
+preallocated output).
 
     python scripts/bench_quantizer.py                    # K=4096, D=512, N=8192, m=10, 7 rounds
     python scripts/bench_quantizer.py --quick            # tiny sizes, seconds (used by the tests)
@@ -85,7 +89,9 @@ def sync(device):
 def build(method, args, device, for_memory=False):
     """Return a zero-argument function that runs one step of ``method`` (setup is not timed)."""
     n, k, d = args.num_tokens, args.num_codes, args.dim
-    gen = torch.Generator().manual_seed(args.seed)
+    # data from its own stream: the global seed below also draws our codebook (N(0, I) init), which must not
+    # equal the first K encoder outputs
+    gen = torch.Generator().manual_seed(1_000_003 + args.seed)
     # encoder outputs with unit variance per coordinate (layer-normalised; the scale of our N(0, I) codebook)
     z_data = torch.randn(1, n, d, generator=gen).to(device)
 
@@ -98,6 +104,7 @@ def build(method, args, device, for_memory=False):
         return lambda: torch.mm(x, codebook.t(), out=out)
 
     g = torch.randn(1, n, d, generator=gen).to(device)  # fixed upstream gradient of the quantized output
+    one = torch.ones((), device=device)
     z_e = z_data.clone().requires_grad_(True)
     torch.manual_seed(args.seed)
     if method in ("hard", "soft"):
@@ -109,7 +116,7 @@ def build(method, args, device, for_memory=False):
         def step():
             z_e.grad = None
             out = vq(z_e)
-            ((out.quantized * g).sum() + out.loss).backward()
+            torch.autograd.backward((out.quantized, out.loss), (g, one))
             step.codes = out.codes  # kept (not inspected) for the codes-used sanity column
     else:
         from vector_quantize_pytorch import VectorQuantize
@@ -120,9 +127,13 @@ def build(method, args, device, for_memory=False):
         def step():
             z_e.grad = None
             quantized, codes, loss = vq(z_e)
-            ((quantized * g).sum() + loss).backward()
+            torch.autograd.backward((quantized, loss), (g, one))
             step.codes = codes
 
+    # every timed step starts from the same codebook (the initial one): the EMA update would otherwise let the
+    # codebook drift, over the repeated steps on one batch, into a state that differs between methods and rounds
+    initial = {name: t.clone() for name, t in vq.state_dict().items()}
+    step.reset = lambda: vq.load_state_dict(initial)
     step.z_e = z_e
     return step
 
@@ -140,9 +151,11 @@ def peak_memory_of_step(method, args):
     """Peak memory (bytes) that one step of ``method`` adds; call in a process that has run no step yet."""
     device = torch.device(args.device)
     fn = build(method, args, device, for_memory=True)
+    reset = getattr(fn, "reset", lambda: None)
     fn()  # warm-up: lazy library initialisation, first touch of code pages
     if hasattr(fn, "z_e"):
         fn.z_e.grad = None
+    reset()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -151,6 +164,7 @@ def peak_memory_of_step(method, args):
         sync(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
+        _malloc_trim()  # give back free heap pages: a reused free chunk must show up as a resident-set increase
         base = _status_kib("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the RSS high-water mark (VmHWM) to the current RSS
@@ -171,6 +185,16 @@ def _mmap_large_allocations():
     M_MMAP_THRESHOLD = -3
     if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536) != 1:
         raise OSError("mallopt(M_MMAP_THRESHOLD) failed")
+
+
+def _malloc_trim():
+    """glibc malloc_trim(0): unmap (MADV_DONTNEED) every free page of the heap; no-op without glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _forked_memory(args, method):
@@ -237,13 +261,16 @@ def measure_memory(args, methods):
 # ----------------------------------------------------------------------------------------------- timing
 def time_methods(args, methods, device):
     steps = {m: build(m, args, device) for m in methods}
+    resets = {m: getattr(steps[m], "reset", lambda: None) for m in methods}
     for _ in range(args.warmup):
         for m in methods:
+            resets[m]()
             steps[m]()
     sync(device)
     times = {m: [] for m in methods}
     for _ in range(args.repeats):
         for m in methods:  # interleaved: drift and noise from other jobs hit every method alike
+            resets[m]()  # untimed
             sync(device)
             t0 = time.perf_counter()
             steps[m]()

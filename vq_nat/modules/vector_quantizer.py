@@ -118,93 +118,116 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"z_e has last dimension {z_e.size(-1)}, expected {self.dim}")
         lead = z_e.shape[:-1]
         x = z_e.reshape(-1, self.num_blocks, self.block_dim)  # (N, B, d)
-        n = x.size(0)
-        if padding_mask is None:
-            valid = torch.ones(n, dtype=torch.bool, device=z_e.device)
-        else:
+        n, b, k = x.size(0), self.num_blocks, self.num_codes
+        valid = None  # None = every position is real (the fast path)
+        if padding_mask is not None:
             if padding_mask.shape != lead:
                 raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != z_e shape[:-1] {tuple(lead)}")
-            valid = ~padding_mask.reshape(-1)
+            if bool(padding_mask.any()):
+                valid = ~padding_mask.reshape(-1)
         with torch.no_grad():
-            finite = torch.isfinite(x).flatten(1).all(-1)
-            if not bool(finite.all()):
+            if not bool(torch.isfinite(x.sum())):
                 # never let NaN/inf reach the codebook: such positions are treated as padding
+                finite = torch.isfinite(x).flatten(1).all(-1)
+                valid = finite if valid is None else valid & finite
                 logger.warning("VectorQuantizer: %d non-finite encoder outputs excluded from the codebook update",
-                               int((~finite & valid).sum()))
-                valid = valid & finite
-        weight = valid.float()  # (N,)
-        num_valid = weight.sum().clamp(min=1.0)
+                               int((~finite).sum()))
+        weight = torch.ones(n, device=z_e.device) if valid is None else valid.float()  # (N,)
 
         # distances, codes and statistics in fp32, also under fp16/bf16 autocast
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            xf = x.detach().float().masked_fill(~valid.view(-1, 1, 1), 0.0)
+            xf = x.detach().float()
+            if valid is not None:
+                xf = xf.masked_fill(~valid.view(-1, 1, 1), 0.0)
             if self.training and not bool(self.initialized):
-                self._kmeans_init(xf[valid])
-            codebook = self.embed.detach().float()  # (B, K, d)
-            dist = self._distances(xf, codebook)  # (N, B, K)
+                self._kmeans_init(xf if valid is None else xf[valid])
+            # scores s_ij = z_e_i . e_j - ||e_j||^2 / 2 = -(||z_e_i - e_j||^2 - ||z_e_i||^2) / 2: one GEMM per block
+            scores = self._scores(xf, self.embed.detach().float())  # (B, N, K)
             if self.assignment == "hard":
-                # eq.1: z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j||
-                codes = dist.argmin(dim=-1)  # (N, B)
-                samples = codes.unsqueeze(-1)  # (N, B, 1)
+                # eq.1: z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j|| = argmax_j s_ij
+                samples = scores.max(-1).indices.t().unsqueeze(-1)  # (N, B, 1)
             else:
-                # soft EM E-step (§3.2): m draws with replacement from Multinomial(-||z_e - e_j||^2 / T)
-                probs = torch.softmax(-dist / self.temperature, dim=-1)
-                samples = torch.multinomial(probs.reshape(-1, self.num_codes), self.num_samples, replacement=True)
-                samples = samples.view(n, self.num_blocks, self.num_samples)  # (N, B, m)
-                codes = samples
-            del dist
-            # targets: one-hot (hard) or average of the m one-hots (soft); index-add, never N x K x m
-            targets = torch.zeros(n, self.num_blocks, self.num_codes, device=z_e.device)
-            targets.scatter_add_(-1, samples, torch.full(samples.shape, 1.0 / self.num_samples, device=z_e.device))
-
+                # soft EM E-step (§3.2): m draws with replacement from Multinomial(logits -||z_e - e_j||^2 / T),
+                # i.e. logits 2 s_ij / T (the row constant ||z_e||^2 / T cancels); unnormalised weights suffice
+                scores.mul_(2.0 / self.temperature)
+                # clamped at e^-80 relative to the best code (< 1e-34: never drawn; its exact value would be a
+                # denormal float, which makes exp 10x slower on CPUs)
+                scores.sub_(scores.amax(-1, keepdim=True)).clamp_(min=-80.0).exp_()
+                samples = torch.multinomial(scores.view(b * n, k), self.num_samples, replacement=True)
+                samples = samples.view(b, n, self.num_samples).transpose(0, 1)  # (N, B, m)
+            del scores
+            m = samples.size(-1)
+            # targets: one-hot (hard) or average of the m one-hots (soft); scatter-add, never N x K x m
+            targets = torch.zeros(n, b, k, device=z_e.device)
+            targets.scatter_add_(-1, samples, torch.full((1, 1, 1), 1.0 / m, device=z_e.device).expand_as(samples))
+            counts, flat, w = self._sample_counts(samples, weight)  # (B*K,) this rank's (averaged) counts
             if self.training and self.update == "ema":
-                self._ema_update(xf, samples, weight)
+                self._ema_update(xf, flat, w, counts)
 
         # z_q: hard e_k; soft eq.12: mean of the m sampled embeddings. Gathered from the current codebook
         # (after the EMA step, as in tensor2tensor), with gradient to the codebook when update == "grad".
-        z_q = self._mean_embedding(samples)  # (N, B, d), fp32
-        z_q = z_q.reshape(z_e.shape)
+        z_q = self._mean_embedding(samples).reshape(z_e.shape)  # fp32
         ze32 = z_e.float()
-        mask = valid.view(*lead, 1) if len(lead) else valid.view(1)
-        denom = num_valid * self.dim
+        if valid is None:
+            def sq_err(a, c):
+                return F.mse_loss(a, c)
+        else:
+            mask = valid.view(*lead, 1)
+            denom = weight.sum().clamp(min=1.0) * self.dim
 
-        def masked_sq(a, b):
-            return torch.where(mask, (a - b) ** 2, torch.zeros((), device=a.device)).sum() / denom
+            def sq_err(a, c):
+                return torch.where(mask, (a - c) ** 2, torch.zeros((), device=a.device)).sum() / denom
 
         # eq.2: commitment loss beta * ||z_e - sg(z_q)||^2, mean over every non-padding scalar entry
-        loss = self.beta * masked_sq(ze32, z_q.detach())
+        loss = self.beta * sq_err(ze32, z_q.detach())
         if self.update == "grad":
             # eq.3: codebook loss ||sg(z_e) - z_q||^2
-            loss = loss + masked_sq(ze32.detach(), z_q)
+            loss = loss + sq_err(ze32.detach(), z_q)
 
         # straight-through estimator: forward z_q, backward identity to z_e
         quantized = z_e + (z_q.to(z_e.dtype) - z_e).detach()
 
-        usage = (targets * weight.view(-1, 1, 1)).sum(0)  # (B, K), this rank's batch
-        total = usage.sum(-1, keepdim=True).clamp(min=1e-12)
-        p = usage / total
+        usage = counts.view(b, k)
+        p = usage / usage.sum(-1, keepdim=True).clamp(min=1e-12)
         entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B,)
         perplexity = entropy.exp().mean()
         codes_used = (usage > 0).float().mean()
 
-        codes_out = codes.reshape(*lead, self.num_blocks, -1)
+        codes_out = samples.reshape(*lead, b, m)
         if self.assignment == "hard":
             codes_out = codes_out.squeeze(-1)
-        if self.num_blocks == 1:
+        if b == 1:
             codes_out = codes_out.squeeze(len(lead))
-        targets = targets.reshape(*lead, self.num_blocks, self.num_codes)
-        if self.num_blocks == 1:
+        targets = targets.reshape(*lead, b, k)
+        if b == 1:
             targets = targets.squeeze(-2)
         return QuantizerOutput(quantized, codes_out, targets, loss, perplexity, codes_used)
 
     # ------------------------------------------------------------------ internals
     @staticmethod
+    def _scores(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """s_ij = x_i . e_j - ||e_j||^2 / 2, (N, B, d) x (B, K, d) -> (B, N, K), as one GEMM per block with the
+        bias folded in ([x, 1] . [e, -||e||^2/2]); argmax_j s_ij is the nearest code."""
+        n, b, d = x.shape
+        xa = torch.cat([x.transpose(0, 1), x.new_ones(b, n, 1)], dim=-1)  # (B, N, d + 1)
+        ea = torch.cat([codebook, -0.5 * (codebook * codebook).sum(-1, keepdim=True)], dim=-1)  # (B, K, d + 1)
+        return torch.bmm(xa, ea.transpose(1, 2))
+
+    @staticmethod
     def _distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """||z_e - e_j||^2 for every position and code: (N, B, d) x (B, K, d) -> (N, B, K), one matmul per block."""
-        x_sq = (x * x).sum(-1, keepdim=True).transpose(0, 1)  # (B, N, 1)
-        e_sq = (codebook * codebook).sum(-1).unsqueeze(1)  # (B, 1, K)
-        dist = torch.baddbmm(x_sq + e_sq, x.transpose(0, 1), codebook.transpose(1, 2), alpha=-2.0)
-        return dist.transpose(0, 1).clamp_(min=0.0)
+        """||z_e - e_j||^2 (N, B, K), for k-means initialisation."""
+        x_sq = (x * x).sum(-1).t().unsqueeze(-1)  # (B, N, 1)
+        return (x_sq - 2.0 * VectorQuantizer._scores(x, codebook)).transpose(0, 1).clamp_(min=0.0)
+
+    def _sample_counts(self, samples: torch.Tensor, weight: torch.Tensor):
+        """Counts sum_i w_ij of each code over this batch (w_ij = share of position i's m draws that are j, 0 for
+        padding), plus the flat sample indices into the (B*K) codebook and their weights."""
+        n, b, m = samples.shape
+        offsets = (torch.arange(b, device=samples.device) * self.num_codes).view(1, b, 1)
+        flat = (samples + offsets).reshape(-1)  # (N*B*m,)
+        w = (weight / m).view(n, 1, 1).expand(n, b, m).reshape(-1)
+        counts = torch.zeros(b * self.num_codes, device=samples.device).index_add_(0, flat, w)
+        return counts, flat, w
 
     def _mean_embedding(self, samples: torch.Tensor) -> torch.Tensor:
         """(N, B, m) indices -> (N, B, d) mean of the sampled code embeddings (eq.12), via embedding_bag."""
@@ -219,7 +242,7 @@ class VectorQuantizer(nn.Module):
         return out.view(n, b, self.block_dim)
 
     @torch.no_grad()
-    def _ema_update(self, x: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) -> None:
+    def _ema_update(self, x: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> None:
         """M-step by exponential moving averages (eq.4-5), on the (averaged) sample counts.
 
         c_j <- lambda c_j + (1 - lambda) sum_i w_ij            (eq.4; w_ij = fraction of the m samples = j)
@@ -227,19 +250,18 @@ class VectorQuantizer(nn.Module):
         c_j <- (c_j + eps) / (sum_k c_k + K eps) * sum_k c_k   (Laplace smoothing)
         e_j <- m_j / c_j
         """
-        n, b, m = samples.shape
-        k, d = self.num_codes, self.block_dim
-        # per-sample weight: 1/m for each of the m draws, 0 for padding positions
-        w = (weight / m).view(n, 1, 1).expand(n, b, m)
-        offsets = (torch.arange(b, device=x.device) * k).view(1, b, 1)
-        flat = (samples + offsets).reshape(-1)  # (N*B*m,) index into the flattened (B*K) codebook
-        counts = torch.zeros(b * k, device=x.device).index_add_(0, flat, w.reshape(-1))
-        sums = torch.zeros(b * k, d, device=x.device)
-        if m == 1:
-            sums.index_add_(0, flat, x.reshape(n * b, d) * w.reshape(-1, 1))
+        n, b, d = x.shape
+        k = self.num_codes
+        m = flat.numel() // (n * b)
+        rows = x.reshape(n * b, d)
+        if x.device.type == "cpu":
+            # sum_i w_ij z_e_i as a sparse (B*K x N*B) @ dense product: no N*m x d copy of z_e
+            pos = torch.arange(n * b, device=x.device).repeat_interleave(m)
+            sel = torch.sparse_coo_tensor(torch.stack([flat, pos]), w, (b * k, n * b), check_invariants=False)
+            sums = torch.sparse.mm(sel, rows)
         else:
-            # sum_i w_ij z_e: add each position once per draw (N*B*m rows of d; no N x K tensor)
-            sums.index_add_(0, flat, (x.unsqueeze(2) * w.unsqueeze(-1)).reshape(-1, d))
+            src = rows if m == 1 else rows.repeat_interleave(m, dim=0)
+            sums = torch.zeros(b * k, d, device=x.device).index_add_(0, flat, src * w.unsqueeze(-1))
         if is_distributed():
             # every rank applies the union batch's statistics, so codebooks never diverge
             counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
@@ -252,7 +274,7 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_count + self.epsilon) / (total + k * self.epsilon) * total
         self.embed.copy_(self.ema_sum / smoothed.unsqueeze(-1))
         if self.dead_code_threshold > 0:
-            self._reseed_dead_codes(x[weight > 0])
+            self._reseed_dead_codes(x.reshape(n, b, d)[w.view(n, b, m)[:, 0, 0] > 0])
 
     @torch.no_grad()
     def _reseed_dead_codes(self, x: torch.Tensor) -> None:
