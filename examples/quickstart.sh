@@ -37,7 +37,7 @@ fairseq-train "$data/bin" --user-dir vq_nat --task latent_translation --arch lat
   --max-tokens 4096 --max-update "$max_update" --mask-startup-steps "$mask_startup" --dropout 0.1 \
   --save-dir "$work/checkpoints" --no-epoch-checkpoints --validate-interval-updates 400 --save-interval-updates 400 \
   --keep-interval-updates 1 --log-interval 50 --no-progress-bar --num-workers 0 --cpu \
-  2>&1 | grep -E "train_inner|valid on|done training|Error|error" || true
+  2>&1 | grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true
 ckpt="$work/checkpoints/checkpoint_last.pt"
 [ -f "$ckpt" ] || { echo "quickstart: training produced no checkpoint" >&2; exit 1; }
 

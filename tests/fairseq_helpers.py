@@ -114,3 +114,115 @@ def hypotheses(output: str) -> dict:
             parts = line.split("\t")
             hyps[int(parts[0][2:])] = parts[2] if len(parts) > 2 else ""
     return hyps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers for tests/test_reliability.py (added; the helpers above are unchanged)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_distributed_rank(rank: int, data_bin: str, save_root: str, port: int, world_size: int, runs,
+                           capture_dir: str) -> None:
+    """One rank of a CPU/gloo fairseq-train (for ``torch.multiprocessing.spawn``), launched as INSTALL-NOTES says.
+
+    ``runs``: list of (name, extra flags); they train one after the other in the same process group (fairseq's
+    ``distributed_init`` reuses an initialised group). ``checkpoint_utils.save_checkpoint`` (called on every
+    rank) is wrapped to also save this rank's unwrapped model state to ``capture_dir/{name}.rank{rank}.pt``; the
+    last save of a run is its final state.
+    """
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+    from fairseq import checkpoint_utils
+
+    torch.set_num_threads(1)
+    original = checkpoint_utils.save_checkpoint
+    current = {}
+
+    def save_and_capture(cfg, trainer, epoch_itr, val_loss):
+        state = {k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()}
+        torch.save({"num_updates": trainer.get_num_updates(), "model": state},
+                   os.path.join(capture_dir, f"{current['name']}.rank{rank}.pt"))
+        return original(cfg, trainer, epoch_itr, val_loss)
+
+    checkpoint_utils.save_checkpoint = save_and_capture
+    dist_flags = ["--distributed-backend", "gloo", "--distributed-world-size", str(world_size),
+                  "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+                  "--distributed-rank", str(rank), "--ddp-backend", "legacy_ddp", "--device-id", "0"]
+    try:
+        for name, extra in runs:
+            current["name"] = name
+            train(data_bin, os.path.join(save_root, name), dist_flags + list(extra))
+    finally:
+        checkpoint_utils.save_checkpoint = original
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_task_and_model(dict_dir: str, extra: Optional[List[str]] = None, vocab: int = 12, seed: int = 0):
+    """(task, model, criterion) of latent_translation over a w0..w{vocab-1} dictionary, built in-process."""
+    import torch
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    os.makedirs(dict_dir, exist_ok=True)
+    for lang in ("src", "tgt"):
+        with open(os.path.join(dict_dir, f"dict.{lang}.txt"), "w") as f:
+            for i in range(vocab):
+                f.write(f"w{i} {100 - i}\n")
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser,
+        [dict_dir, "--user-dir", USER_DIR, "--task", "latent_translation", "--criterion", "latent_vq",
+         "--source-lang", "src", "--target-lang", "tgt", "--optimizer", "adam", "--lr", "1e-3", "--cpu"]
+        + TINY + (extra or []),
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(seed)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return task, model, criterion
+
+
+def make_sample(dictionary, lengths, seed: int = 0, words=None):
+    """A right-padded target / left-padded source batch (target = reversed source) with the given lengths
+    (EOS not counted); ``words``: optional list of token-id lists to use instead of random words."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pad, eos = dictionary.pad(), dictionary.eos()
+    if words is not None:
+        lengths = [len(w) for w in words]
+    b, t = len(lengths), max(lengths) + 1
+    src = torch.full((b, t), pad)
+    tgt = torch.full((b, t), pad)
+    for i, n in enumerate(lengths):
+        w = (torch.tensor(words[i], dtype=torch.long) if words is not None
+             else torch.randint(dictionary.nspecial, len(dictionary), (n,), generator=g))
+        src[i, t - n - 1 : t - 1] = w
+        src[i, t - 1] = eos
+        tgt[i, :n] = w.flip(0)
+        tgt[i, n] = eos
+    return {
+        "id": torch.arange(b),
+        "nsentences": b,
+        "ntokens": int(tgt.ne(pad).sum()),
+        "net_input": {"src_tokens": src, "src_lengths": torch.tensor([n + 1 for n in lengths])},
+        "target": tgt,
+    }
+
+
+class BackwardOnly:
+    """The part of a FairseqOptimizer that ``FairseqTask.train_step`` uses (``backward``)."""
+
+    def backward(self, loss):
+        loss.backward()

@@ -39,9 +39,12 @@ class LatentGenerator:
         # per-sentence length budget (a * |x| + b), capped by the model; the latent loop runs to the batch max
         limits = (self.max_len_a * src_lengths.float() + self.max_len_b).long().clamp(min=1)
         limits = limits.clamp(max=model.decoder.max_positions())
-        tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(encoder_out, int(limits.max()))
         factor = model.decoder.factor
-        latent_len = (~latent_pad).sum(1).clamp(max=((limits + factor - 1) // factor))
+        budget = (limits + factor - 1) // factor
+        tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
+            encoder_out, int(limits.max()), latent_budget=budget
+        )
+        latent_len = (~latent_pad).sum(1)
         hypos = []
         for i in range(tokens.size(0)):
             span = min(int(latent_len[i]) * factor, int(limits[i]))

@@ -303,7 +303,7 @@ class LatentDecoder(FairseqDecoder):
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
-    def generate(self, encoder_out: Dict, max_target_len: int):
+    def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None):
         """Predict the latents autoregressively (greedy, cached, early stop at END), then decode in parallel.
 
         Returns token ids (B, T), a per-position log-prob (B, T), the latent padding mask (B, L) and the
@@ -314,6 +314,9 @@ class LatentDecoder(FairseqDecoder):
         codes, latent_pad, latent_scores = self.latent_predictor.generate(
             encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1)
         )
+        if latent_budget is not None:  # per-sentence budgets, applied before decoding (batching invariance)
+            positions = torch.arange(latent_pad.size(1), device=latent_pad.device).unsqueeze(0)
+            latent_pad = latent_pad | (positions >= latent_budget.unsqueeze(1))
         latents = self.bottleneck.embed_codes(codes).to(enc.dtype)
         logits = self.decode(latents, latent_pad, encoder_out)
         logits[:, :, self.padding_idx] = float("-inf")

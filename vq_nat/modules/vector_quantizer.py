@@ -265,6 +265,8 @@ class VectorQuantizer(nn.Module):
         if is_distributed():
             # every rank applies the union batch's statistics, so codebooks never diverge
             counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
+        if not bool(counts.sum() > 0):
+            return  # an all-padding batch (on every rank): nothing observed, nothing to average in
         counts = counts.view(b, k)
         sums = sums.view(b, k, d)
         lam = self.decay
@@ -282,11 +284,14 @@ class VectorQuantizer(nn.Module):
         dead = self.ema_count < self.dead_code_threshold  # (B, K)
         if is_distributed():
             dead = all_reduce_sum(dead.float()) > 0
-        if not dead.any() or x.size(0) == 0:
+        if not dead.any():
             return
         b, k, d = self.embed.shape
-        pick = torch.randint(0, x.size(0), (b, k), device=x.device)
-        fresh = x[pick, torch.arange(b, device=x.device).view(b, 1)]  # (B, K, d)
+        if x.size(0) == 0:  # nothing to draw from here; still take part in the broadcast below
+            fresh = self.embed.clone()
+        else:
+            pick = torch.randint(0, x.size(0), (b, k), device=x.device)
+            fresh = x[pick, torch.arange(b, device=x.device).view(b, 1)]  # (B, K, d)
         if is_distributed():
             broadcast_(fresh, src=0)
         dead3 = dead.unsqueeze(-1)
@@ -297,10 +302,16 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
         """Initialise the codebook with k-means (Lloyd) on the first training batch's valid positions."""
-        if x.size(0) == 0:
-            return
         b, k, d = self.embed.shape
         n = x.size(0)
+        if n == 0:  # nothing to cluster on this rank: keep the random codes (rank 0's win the broadcast)
+            if is_distributed():
+                broadcast_(self.embed.data, src=0)
+            if self.update == "ema":
+                self.ema_count.fill_(1.0)
+                self.ema_sum.copy_(self.embed.data)
+            self.initialized.fill_(True)
+            return
         xb = x.transpose(0, 1)  # (B, N, d)
         # k-means++ seeding: each next seed drawn with probability proportional to D(x)^2
         cb = torch.empty(b, k, d, device=x.device)
