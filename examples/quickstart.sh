@@ -19,11 +19,11 @@ export PATH="$venv/bin:$PATH"
 
 raw="${MULTI30K_DIR:-$root/../shared/data/multi30k}"
 work="${WORK_DIR:-$root/runs/quickstart}"
-max_update="${MAX_UPDATE:-1200}"
+max_update="${MAX_UPDATE:-1000}"
 bottleneck="${BOTTLENECK:-em}"
 num_samples="${NUM_SAMPLES:-10}"
 merges="${MERGES:-6000}"
-mask_startup="${MASK_STARTUP:-500}"
+mask_startup="${MASK_STARTUP:-400}"
 data="$work/data"
 
 if [ ! -f "$data/bin/dict.en.txt" ]; then
