@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fairseq_helpers import TINY, USER_DIR
+from fairseq_helpers import make_sample as helpers_make_sample
 from vq_nat.models.latent_transformer import masking_probability
 from vq_nat.modules.compression import Compressor, Decompressor
 from vq_nat.modules.denoising import word_dropout, word_shuffle
@@ -36,25 +37,7 @@ def built(tmp_path_factory):
 
 
 def make_sample(task, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = task.target_dictionary
-    pad, eos = d.pad(), d.eos()
-    b, t = len(lengths), max(lengths) + 1
-    src = torch.full((b, t), pad)
-    tgt = torch.full((b, t), pad)
-    for i, n in enumerate(lengths):
-        words = torch.randint(d.nspecial, len(d), (n,), generator=g)
-        src[i, t - n - 1 : t - 1] = words  # fairseq left-pads the source
-        src[i, t - 1] = eos
-        tgt[i, :n] = words.flip(0)
-        tgt[i, n] = eos
-    return {
-        "id": torch.arange(b),
-        "nsentences": b,
-        "ntokens": int(tgt.ne(pad).sum()),
-        "net_input": {"src_tokens": src, "src_lengths": torch.tensor([n + 1 for n in lengths])},
-        "target": tgt,
-    }
+    return helpers_make_sample(task.target_dictionary, lengths, seed=seed)
 
 
 def test_masking_schedule_matches_tensor2tensor():
