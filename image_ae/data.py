@@ -10,8 +10,16 @@ lazily from files with ``cache=False``); ``__getitem__`` gives a float image in 
 * ``imagefolder``: ``D/<class>/<image>``; when ``D/train`` and ``D/test`` exist they are the splits,
   otherwise a held-out part is split off deterministically (independent of ``--seed``).
 
-Images of any size and mode are resized (shorter side) and centre-cropped to ``image_size``; the number of
-channels is 1 when every image of the dataset is grayscale, 3 otherwise (or forced by ``channels``).
+Images of any size and mode are resized (shorter side) and centre-cropped to ``image_size`` (images smaller
+than ``image_size`` are upsampled); the number of channels is 1 when every image of the dataset is grayscale,
+3 otherwise (or forced by ``channels``). Palette images are expanded through their palette; images with an
+alpha channel (RGBA, LA, PA, or a palette / grayscale / RGB image with a transparent colour) are composited
+onto black (premultiplied colour), and 16-bit / float grayscale is rescaled to 8 bits.
+
+A file that cannot be decoded (not an image, corrupt or truncated, or a mode PIL cannot convert) raises
+:class:`BadImageError` naming the file(s). With the cache, every such file of both splits is listed when the
+dataset is loaded into memory. With ``cache=False``, files that PIL cannot identify are listed by the header
+scan of ``channels=None``; any other bad file is reported when it is read.
 """
 import os
 from dataclasses import dataclass
@@ -23,12 +31,37 @@ from torch.utils.data import Dataset
 
 DATASETS = ("cifar10", "svhn", "mnist", "fashion-mnist", "imagefolder")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 CIFAR_TARBALLS = ("cifar10_train.jpg.tar.gz", "cifar10_test.jpg.tar.gz")
 
 
 class DatasetNotFoundError(RuntimeError):
     """A dataset is missing or unreadable; the message says how to get it."""
+
+
+class BadImageError(DatasetNotFoundError):
+    """Image file(s) that cannot be decoded; the message names every file (``paths`` holds them)."""
+
+    def __init__(self, message: str, paths: Sequence[str] = ()):  # one-argument form: DataLoader workers re-raise
+        super().__init__(message)
+        self.paths = list(paths)
+
+
+def _bad_images_message(bad: Sequence[Tuple[str, BaseException]], limit: int = 10) -> str:
+    head = (f"cannot read image file {bad[0][0]!r}" if len(bad) == 1 else f"cannot read {len(bad)} image files")
+    lines = [f"{head} (not an image, corrupt or truncated, or an image mode that cannot be converted):"]
+    lines += [f"  {path}: {type(e).__name__}: {e}" for path, e in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    lines.append("Remove or replace " + ("this file" if len(bad) == 1 else "these files") + " (or re-create the "
+                 "dataset) and run again.")
+    return "\n".join(lines)
+
+
+def bad_images_error(bad: Sequence[Tuple[str, BaseException]]) -> BadImageError:
+    return BadImageError(_bad_images_message(bad), [path for path, _ in bad])
 
 
 @dataclass
@@ -79,13 +112,19 @@ def _resize_crop(img, image_size: int):
 
 
 def pil_to_uint8(img, channels: int, image_size: int) -> torch.Tensor:
-    """PIL image of any mode/size -> (channels, image_size, image_size) uint8 tensor."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        from PIL import Image
+    """PIL image of any mode/size -> (channels, image_size, image_size) uint8 tensor.
 
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    16-bit / float grayscale is rescaled to 8 bits; transparency (an alpha channel, or a transparent palette
+    entry / colour) is composited onto black; then the image is converted to L or RGB, resized and cropped."""
+    from PIL import Image
+
+    if img.mode in HIGH_DEPTH_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
+    elif img.mode in ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     img = img.convert("L" if channels == 1 else "RGB")
     img = _resize_crop(img, image_size)
     arr = np.asarray(img, dtype=np.uint8)
@@ -95,18 +134,47 @@ def pil_to_uint8(img, channels: int, image_size: int) -> torch.Tensor:
 
 
 def load_image(path: str, channels: int, image_size: int) -> torch.Tensor:
+    """Decode one file; any decoding failure becomes a :class:`BadImageError` that names the file."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img.load()
-        return pil_to_uint8(img, channels, image_size)
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes the whole file: a truncated / corrupt body fails here
+            return pil_to_uint8(img, channels, image_size)
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ... for bad files
+        raise bad_images_error([(path, e)]) from e
 
 
 def image_mode(path: str) -> str:
+    """The PIL mode from the file's header (not decoded); a file PIL cannot identify -> BadImageError."""
     from PIL import Image
 
-    with Image.open(path) as img:  # reads the header only
-        return img.mode
+    try:
+        with Image.open(path) as img:  # reads the header only
+            return img.mode
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise bad_images_error([(path, e)]) from e
+
+
+def _all_grayscale(paths: Sequence[str], stop_early: bool) -> Tuple[bool, List[Tuple[str, BaseException]]]:
+    """Whether every file's header has a grayscale mode, and the files whose header cannot be read.
+    ``stop_early``: stop at the first colour image (the unread files are checked when they are decoded)."""
+    gray, bad = True, []
+    for p in paths:
+        try:
+            mode = image_mode(p)
+        except BadImageError as e:
+            bad.append((p, e.__cause__ or e))
+            continue
+        if mode not in GRAY_MODES:
+            gray = False
+            if stop_early:
+                break
+    return gray, bad
 
 
 def list_images(root: str) -> List[str]:
@@ -124,17 +192,23 @@ def list_images(root: str) -> List[str]:
     return out
 
 
-def _materialize(ds: ImageTensorDataset, desc: str, progress: bool) -> ImageTensorDataset:
-    """Load every file of a lazy dataset into one uint8 tensor."""
+def _materialize(ds: ImageTensorDataset, desc: str,
+                 progress: bool) -> Tuple[ImageTensorDataset, List[Tuple[str, BaseException]]]:
+    """Load every file of a lazy dataset into one uint8 tensor; also returns the files that cannot be decoded
+    (their rows are left undefined: the caller raises)."""
     if ds.images is not None or len(ds) == 0:
-        return ds
+        return ds, []
     from tqdm.auto import tqdm
 
     out = torch.empty(len(ds), ds.channels, ds.image_size, ds.image_size, dtype=torch.uint8)
+    bad = []
     for i in tqdm(range(len(ds)), desc=f"loading {desc}", disable=not progress or len(ds) < 2000,
                   mininterval=2.0, leave=False):
-        out[i] = ds.get_uint8(i)
-    return ImageTensorDataset(images=out, channels=ds.channels, image_size=ds.image_size)
+        try:
+            out[i] = ds.get_uint8(i)
+        except BadImageError as e:  # keep going: report every unreadable file at once
+            bad.append((ds.paths[i], e.__cause__ or e))
+    return ImageTensorDataset(images=out, channels=ds.channels, image_size=ds.image_size), bad
 
 
 # ---------------------------------------------------------------------------------------------- ImageFolder
@@ -177,12 +251,20 @@ def imagefolder_splits(root: str, image_size: int, channels: Optional[int] = Non
         train_paths, test_paths = [paths[i] for i in tr], [paths[i] for i in te]
         how = f"ImageFolder {root} (held-out split {len(test_paths)}/{len(paths)}, fraction {val_fraction})"
     if channels is None:
-        gray = all(image_mode(p) in GRAY_MODES for p in train_paths + test_paths)
+        # with the cache, every file is decoded below, and every unreadable one is reported there, together
+        # with those that fail only when decoded (truncated); without it, the header scan is the only
+        # up-front check, so it reads every header and reports the files PIL cannot identify
+        gray, bad = _all_grayscale(train_paths + test_paths, stop_early=cache)
+        if bad and not cache:
+            raise bad_images_error(bad)
         channels = 1 if gray else 3
     train = ImageTensorDataset(paths=train_paths, channels=channels, image_size=image_size)
     test = ImageTensorDataset(paths=test_paths, channels=channels, image_size=image_size)
     if cache:
-        train, test = _materialize(train, "train", progress), _materialize(test, "test", progress)
+        train, bad_train = _materialize(train, "train", progress)
+        test, bad_test = _materialize(test, "test", progress)
+        if bad_train or bad_test:
+            raise bad_images_error(bad_train + bad_test)
     return Splits(train, test, channels, f"{how}: {len(train)} train / {len(test)} test, {channels} channel(s)")
 
 
@@ -209,7 +291,7 @@ def _from_torchvision(ds, channels: Optional[int], native_channels: int, image_s
         out = torch.empty(len(x), c, image_size, image_size, dtype=torch.uint8)
         for i in range(len(x)):
             arr = x[i].permute(1, 2, 0).numpy()
-            img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+            img = Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if c == 1 else arr))  # uint8: L / RGB
             out[i] = pil_to_uint8(img, c, image_size)
         x = out
     return ImageTensorDataset(images=x.contiguous(), channels=c, image_size=image_size)

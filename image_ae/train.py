@@ -61,7 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="auto: 1 if every image is grayscale, else 3")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="held-out fraction for an ImageFolder without train/ and test/")
-    g.add_argument("--no-cache", action="store_true", help="read ImageFolder files on demand instead of in memory")
+    g.add_argument("--no-cache", action="store_true", help="read ImageFolder files on demand instead of in memory "
+                   "(a corrupt file is then reported when it is first read, not at start-up)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers with --no-cache")
 
     g = p.add_argument_group("model")

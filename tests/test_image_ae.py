@@ -1,5 +1,6 @@
 """image_ae: tiny synthetic ImageFolders (grayscale + RGB, odd sizes) trained for a few steps through the CLI."""
 import json
+import math
 import os
 import tarfile
 
@@ -17,6 +18,15 @@ from image_ae.models import ImageAutoencoder, build_config  # noqa: E402
 TINY = ["--arch", "vqvae", "--hidden-dim", "8", "--res-hidden-dim", "4", "--code-dim", "4", "--num-codes", "8",
         "--image-size", "16", "--batch-size", "4", "--eval-batch-size", "5", "--log-interval", "1",
         "--no-progress", "--num-recon", "4", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is much faster than several, especially on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _write_images(folder, n, sizes, modes, seed):
@@ -183,3 +193,213 @@ def test_robustness_table(split_folder, tmp_path):
     assert all({"psnr", "codes_used", "collapsed"} <= set(r) for r in rows)
     assert (out / "robustness.md").exists() and (out / "robustness.png").exists()
     assert (out / "robustness.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- one training step
+@pytest.mark.parametrize("arch", ["paper", "vqvae"])
+@pytest.mark.parametrize("bottleneck", ["vq", "em"])
+def test_one_step_reduces_loss_on_a_fixed_batch(arch, bottleneck):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg = build_config(arch, 3, 16, {"hidden_dim": 8, "res_hidden_dim": 4, "code_dim": 4, "num_codes": 16,
+                                     "latents_per_position": 2, "bottleneck": bottleneck, "num_samples": 4})
+    model = ImageAutoencoder(cfg)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def loss_on_batch():
+        torch.manual_seed(123)  # em: the same sampling noise for both evaluations
+        recon, out, _ = model(x)
+        return F.mse_loss(recon, x) + out.loss
+
+    model.eval()  # evaluation: no EMA update of the codebook
+    with torch.no_grad():
+        before = float(loss_on_batch())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()  # the training step: gradient step + (for --update ema) the codebook's EMA step
+    loss = loss_on_batch()
+    optimizer.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = float(loss_on_batch())
+    assert after < before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------- every CLI option
+# one non-default value per option (dest -> (command-line tokens, expected parsed value))
+CLI_VALUES = {
+    "dataset": (["--dataset", "svhn"], "svhn"),
+    "data_dir": (["--data-dir", "/some/dir"], "/some/dir"),
+    "download": (["--download"], True),
+    "image_size": (["--image-size", "64"], 64),
+    "channels": (["--channels", "1"], "1"),
+    "val_fraction": (["--val-fraction", "0.25"], 0.25),
+    "no_cache": (["--no-cache"], True),
+    "num_workers": (["--num-workers", "3"], 3),
+    "arch": (["--arch", "vqvae"], "vqvae"),
+    "bottleneck": (["--bottleneck", "em"], "em"),
+    "num_samples": (["--num-samples", "7"], 7),
+    "num_codes": (["--num-codes", "128"], 128),
+    "code_dim": (["--code-dim", "32"], 32),
+    "hidden_dim": (["--hidden-dim", "96"], 96),
+    "res_hidden_dim": (["--res-hidden-dim", "24"], 24),
+    "latents_per_position": (["--latents-per-position", "5"], 5),
+    "num_downsample": (["--num-downsample", "3"], 3),
+    "num_residual": (["--num-residual", "4"], 4),
+    "update": (["--update", "grad"], "grad"),
+    "decay": (["--decay", "0.99"], 0.99),
+    "epsilon": (["--epsilon", "1e-6"], 1e-6),
+    "beta": (["--beta", "0.5"], 0.5),
+    "temperature": (["--temperature", "2.5"], 2.5),
+    "kmeans_init": (["--kmeans-init"], True),
+    "dead_code_threshold": (["--dead-code-threshold", "0.01"], 0.01),
+    "epochs": (["--epochs", "2.5"], 2.5),
+    "max_steps": (["--max-steps", "1000"], 1000),
+    "batch_size": (["--batch-size", "16"], 16),
+    "lr": (["--lr", "0.002"], 0.002),
+    "warmup_steps": (["--warmup-steps", "100"], 100),
+    "lr_half_life": (["--lr-half-life", "500"], 500),
+    "weight_decay": (["--weight-decay", "0.01"], 0.01),
+    "clip_norm": (["--clip-norm", "1.5"], 1.5),
+    "seed": (["--seed", "42"], 42),
+    "device": (["--device", "cpu"], "cpu"),
+    "threads": (["--threads", "2"], 2),
+    "save_dir": (["--save-dir", "/tmp/out"], "/tmp/out"),
+    "resume": (["--resume", "/tmp/out/ckpt.pt"], "/tmp/out/ckpt.pt"),
+    "eval_interval": (["--eval-interval", "10"], 10),
+    "save_interval": (["--save-interval", "20"], 20),
+    "eval_samples": (["--eval-samples", "500"], 500),
+    "eval_batch_size": (["--eval-batch-size", "64"], 64),
+    "log_interval": (["--log-interval", "5"], 5),
+    "num_recon": (["--num-recon", "4"], 4),
+    "no_progress": (["--no-progress"], True),
+    "no_plots": (["--no-plots"], True),
+}
+
+
+def test_every_cli_option_parses():
+    import argparse
+
+    parser = ia_train.get_parser()
+    actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    dests = {a.dest for a in actions}
+    assert dests == set(CLI_VALUES), f"options without a test value: {dests - set(CLI_VALUES)}; " \
+        f"stale test values: {set(CLI_VALUES) - dests}"
+    defaults = parser.parse_args([])
+    argv = []
+    for a in actions:
+        tokens, expected = CLI_VALUES[a.dest]
+        assert tokens[0] in a.option_strings, (a.dest, tokens[0])
+        assert getattr(defaults, a.dest) != expected, f"{a.dest}: the test value equals the default"
+        if a.choices is not None:
+            assert expected in a.choices
+        argv += tokens
+    args = parser.parse_args(argv)
+    assert vars(args) == {dest: expected for dest, (_, expected) in CLI_VALUES.items()}
+    for dest, (_, expected) in CLI_VALUES.items():
+        assert type(getattr(args, dest)) is type(expected), dest
+    # --resume without a value: SAVE_DIR/checkpoint_last.pt
+    assert parser.parse_args(["--resume"]).resume == "auto"
+    # a bad value is rejected by the parser (exit code 2)
+    for bad in (["--bottleneck", "gumbel"], ["--image-size", "big"], ["--channels", "4"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(bad)
+        assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _truncated_jpeg(path):
+    rng = np.random.RandomState(5)
+    PIL.fromarray((rng.rand(48, 48, 3) * 255).astype(np.uint8)).save(path, quality=90)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) * 2 // 3])  # the header (~600 bytes) is intact, the scan data is cut
+    with PIL.open(path) as img:
+        assert img.size == (48, 48)  # opens...
+        with pytest.raises(OSError, match="truncated"):
+            img.load()  # ...but cannot be decoded
+
+
+def test_corrupt_image_file_is_reported_with_its_path(split_folder, tmp_path, capsys):
+    bad = os.path.join(split_folder, "train", "class0", "bad.png")
+    with open(bad, "wb") as f:
+        f.write(np.random.RandomState(0).bytes(300))  # random bytes with an image extension
+    trunc = os.path.join(split_folder, "test", "class1", "trunc.jpg")
+    _truncated_jpeg(trunc)  # a valid header, a truncated body: fails only when decoded
+    # cached: both are reported together when the dataset is loaded
+    for channels in (None, 1):
+        with pytest.raises(ia_data.BadImageError, match="cannot read 2 image files") as e:
+            ia_data.build_splits("imagefolder", split_folder, image_size=16, channels=channels, progress=False)
+        assert e.value.paths == [bad, trunc]
+        msg = str(e.value)
+        assert f"{bad}: UnidentifiedImageError" in msg and f"{trunc}: OSError: image file is truncated" in msg
+    # not cached: the header scan (channel detection) finds the file that is not an image
+    with pytest.raises(ia_data.BadImageError, match="bad.png") as e:
+        ia_data.build_splits("imagefolder", split_folder, image_size=16, cache=False, progress=False)
+    assert e.value.paths == [bad]
+    os.remove(bad)
+    with pytest.raises(ia_data.BadImageError, match="truncated") as e:
+        ia_data.build_splits("imagefolder", split_folder, image_size=16, progress=False)
+    assert e.value.paths == [trunc] and str(e.value).startswith(f"cannot read image file {trunc!r}")
+    # the CLI: a clear message naming the file, exit code 2
+    with pytest.raises(SystemExit) as e:
+        ia_train.cli_main(["--dataset", "imagefolder", "--data-dir", split_folder, "--save-dir",
+                           str(tmp_path / "o"), "--max-steps", "1", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert trunc in err and "Remove or replace" in err
+    # --no-cache: nothing is decoded up front; the file is named when it is read (here: at the evaluation)
+    s = ia_data.build_splits("imagefolder", split_folder, image_size=16, cache=False, progress=False)
+    i = s.test.paths.index(trunc)
+    with pytest.raises(ia_data.BadImageError, match="trunc.jpg"):
+        s.test[i]
+    with pytest.raises(ia_data.BadImageError, match="trunc.jpg"):
+        _run(split_folder, tmp_path / "lazy", "--max-steps", "1", "--no-plots", "--no-cache")
+
+
+def test_rgba_palette_16bit_and_tiny_images(tmp_path):
+    rng = np.random.RandomState(7)
+    root = tmp_path / "modes"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    rgb = (rng.rand(9, 13, 3) * 255).astype(np.uint8)
+    rgba = np.concatenate([rgb, (rng.rand(9, 13, 1) > 0.5).astype(np.uint8) * 255], -1)
+    PIL.fromarray(rgba).save(root / "a" / "rgba.png")  # RGBA, smaller than --image-size
+    PIL.fromarray(rgb).convert("P", palette=PIL.Palette.ADAPTIVE, colors=8).save(root / "a" / "palette.png")
+    pt = PIL.fromarray(rgb).convert("P", palette=PIL.Palette.ADAPTIVE, colors=8)
+    pt.save(root / "a" / "palette_transparent.png", transparency=0)
+    PIL.fromarray(rgba).convert("LA").save(root / "b" / "la.png")
+    PIL.fromarray((rng.rand(20, 18) * 65535).astype(np.uint16)).save(root / "b" / "gray16.png")  # 16-bit
+    PIL.fromarray(rgb[:2, :3]).save(root / "b" / "tiny.bmp")  # 3x2 pixels
+    PIL.fromarray(rgb[:1, :1, 0]).convert("1").save(root / "b" / "one_pixel_bilevel.png")
+    PIL.fromarray(rgb).convert("CMYK").save(root / "b" / "cmyk.jpg")
+    modes = sorted(PIL.open(p).mode for p in ia_data.list_images(str(root)))
+    assert {"RGBA", "P", "LA", "1", "CMYK", "RGB"} <= set(modes) and any(m.startswith("I") for m in modes)
+
+    s = ia_data.build_splits("imagefolder", str(root), image_size=16, progress=False)
+    assert s.channels == 3 and s.train.images.shape[1:] == (3, 16, 16) and len(s.train) + len(s.test) == 8
+    gray = ia_data.build_splits("imagefolder", str(root), image_size=16, channels=1, progress=False)
+    assert gray.train.images.shape[1:] == (1, 16, 16)
+    # alpha is composited onto black: a fully transparent pixel is black, an opaque one keeps its colour
+    px = PIL.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8))
+    assert ia_data.pil_to_uint8(px.crop((0, 0, 1, 1)), 3, 1).flatten().tolist() == [0, 0, 0]
+    assert ia_data.pil_to_uint8(px.crop((1, 0, 2, 1)), 3, 1).flatten().tolist() == [200, 100, 50]
+    pal = PIL.new("P", (1, 1), 0)
+    pal.putpalette([200, 100, 50] * 256)
+    assert ia_data.pil_to_uint8(pal, 3, 1).flatten().tolist() == [200, 100, 50]
+    pal.info["transparency"] = 0
+    assert ia_data.pil_to_uint8(pal, 3, 1).flatten().tolist() == [0, 0, 0]
+    # 16-bit grayscale keeps its range
+    g16 = ia_data.pil_to_uint8(PIL.fromarray(np.array([[0, 65535]], dtype=np.uint16)).resize((2, 2)), 1, 2)
+    assert g16.min() == 0 and g16.max() == 255
+
+    save = tmp_path / "modes_run"
+    m = ia_train.main(["--dataset", "imagefolder", "--data-dir", str(root), "--save-dir", str(save), *TINY,
+                       "--max-steps", "1", "--no-plots", "--val-fraction", "0.25"])
+    assert m["step"] == 1 and math.isfinite(m["mse"]) and _state(save)["args"]["channels"] == 3
+    m = ia_train.main(["--dataset", "imagefolder", "--data-dir", str(root), "--save-dir", str(tmp_path / "lazy"),
+                       *TINY, "--max-steps", "1", "--no-plots", "--val-fraction", "0.25", "--no-cache"])
+    assert m["step"] == 1 and math.isfinite(m["mse"])
