@@ -35,7 +35,7 @@ def batches(task, subset, batch_size, max_sentences, models):
     itr = task.get_batch_iterator(
         ds, max_sentences=batch_size, required_batch_size_multiple=1,
         max_positions=utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models]),
-        ignore_invalid_inputs=True,
+        ignore_invalid_inputs=True, disable_iterator_cache=True,  # fairseq caches one iterator per dataset
     ).next_epoch_itr(shuffle=False)
     out, n = [], 0
     for sample in itr:

@@ -75,7 +75,8 @@ def main(argv=None):
     task = lt[0]
     task.load_dataset("train")
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=args.max_tokens, seed=1,
-                                  required_batch_size_multiple=1).next_epoch_itr(shuffle=True)
+                                  required_batch_size_multiple=1, disable_iterator_cache=True
+                                  ).next_epoch_itr(shuffle=True)
     samples = [s for _, s in zip(range(args.steps), itr)]
     for name, (t, m, c, o) in (("LT", lt), ("AR", ar)):
         print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
