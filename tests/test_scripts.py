@@ -1,0 +1,82 @@
+"""The shell scripts end to end on tiny data: prepare-data.sh -> train-teacher.sh -> distill.sh, and their errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fairseq_helpers import make_copy_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+
+def run(*args, check=True):
+    p = subprocess.run(["bash", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts")
+    raw = str(root / "raw")
+    make_copy_task(raw, n_train=60, n_valid=8, n_test=8, reverse=True)
+    for split in ("train", "valid", "test"):  # the scripts expect {split}.{en,de}; an empty line must survive
+        for old, new in (("src", "en"), ("tgt", "de")):
+            os.rename(os.path.join(raw, f"{split}.{old}"), os.path.join(raw, f"{split}.{new}"))
+    with open(os.path.join(raw, "test.en"), "a") as f:
+        f.write("\n")
+    with open(os.path.join(raw, "test.de"), "a") as f:
+        f.write("\n")
+    out = str(root / "out")
+    run("scripts/prepare-data.sh", raw, out, "--merges", "20", "--workers", "1")
+    return root, raw, out
+
+
+def test_prepare_data_keeps_every_pair(prepared):
+    _, raw, out = prepared
+    assert os.path.exists(os.path.join(out, "bin", "dict.en.txt"))
+    assert os.path.exists(os.path.join(out, "bpe", "codes"))
+    for split, n in (("train", 60), ("valid", 8), ("test", 9)):
+        assert sum(1 for _ in open(os.path.join(out, "bpe", f"{split}.de"))) == n
+    log = open(os.path.join(out, "preprocess.log")).read()
+    assert "test.de: 9 sents" in log
+
+
+def test_prepare_data_errors(prepared, tmp_path):
+    root, raw, _ = prepared
+    p = run("scripts/prepare-data.sh", str(tmp_path / "nowhere"), str(tmp_path / "o"), check=False)
+    assert p.returncode != 0 and "no such directory" in p.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for split in ("train", "valid", "test"):
+        (bad / f"{split}.en").write_text("a b\nc d\n")
+        (bad / f"{split}.de").write_text("a b\n")
+    p = run("scripts/prepare-data.sh", str(bad), str(tmp_path / "o"), check=False)
+    assert p.returncode != 0 and "not line-aligned" in p.stderr
+    for split in ("train", "valid", "test"):
+        (bad / f"{split}.de").write_text("a b\nc d\n")
+    (bad / "valid.de").unlink()
+    p = run("scripts/prepare-data.sh", str(bad), str(tmp_path / "o"), check=False)
+    assert p.returncode != 0 and "missing file" in p.stderr
+
+
+def test_teacher_and_distillation(prepared):
+    root, _, out = prepared
+    data_bin = os.path.join(out, "bin")
+    teacher = str(root / "teacher")
+    run("scripts/train-teacher.sh", data_bin, teacher, "--max-update", "2", "--encoder-layers", "1",
+        "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+        "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--max-tokens", "500", "--cpu")
+    ckpt = os.path.join(teacher, "checkpoint_last.pt")
+    assert os.path.exists(ckpt)
+    distilled = str(root / "distilled")
+    p = run("scripts/distill.sh", data_bin, ckpt, distilled, "--beam", "2", "--batch-size", "16")
+    assert "60 distilled pairs" in p.stdout
+    for f in ("train.en-de.en.bin", "train.en-de.de.bin", "valid.en-de.de.bin", "test.en-de.en.idx", "dict.de.txt"):
+        assert os.path.exists(os.path.join(distilled, f)), f
+    assert sum(1 for _ in open(os.path.join(distilled, "text", "train.de"))) == 60
+    p = run("scripts/distill.sh", data_bin, str(root / "missing.pt"), distilled, check=False)
+    assert p.returncode != 0 and "no such checkpoint" in p.stderr
