@@ -18,7 +18,7 @@ import time
 import torch
 
 
-def load(path, data, user_dir_task):
+def load(path, data):
     from fairseq import checkpoint_utils
 
     overrides = {"data": data}
@@ -83,8 +83,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    lt_models, _, lt_task = load(args.lt_path, args.data, True)
-    ar_models, _, ar_task = load(args.ar_path, args.data, False)
+    lt_models, _, lt_task = load(args.lt_path, args.data)
+    ar_models, _, ar_task = load(args.ar_path, args.data)
     for m in lt_models + ar_models:
         m.to(device)
     for t in (lt_task, ar_task):

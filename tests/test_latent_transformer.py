@@ -1,5 +1,4 @@
 """Model-level semantics of the Latent Transformer: schedules, latent targets, batching invariance, noise."""
-import os
 
 import pytest
 import torch

@@ -14,7 +14,6 @@ Deliberate differences (documented in the README): padded positions are masked e
 the commitment loss, the EMA and the prior loss); the latent length is decided by an END symbol of the latent
 predictor instead of being fixed at 2x the source length; the decoder emits EOS within the decompressed span.
 """
-import argparse
 import math
 from typing import Dict, Optional
 
@@ -34,7 +33,7 @@ from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
-from ..modules.compression import Compressor, Decompressor, upsample_mask
+from ..modules.compression import Compressor, Decompressor
 from .latent_predictor import LatentPredictor, _unpack, causal_mask
 
 BOTTLENECKS = ("vq", "em", "gumbel", "semhash")

@@ -276,7 +276,7 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_count + self.epsilon) / (total + k * self.epsilon) * total
         self.embed.copy_(self.ema_sum / smoothed.unsqueeze(-1))
         if self.dead_code_threshold > 0:
-            self._reseed_dead_codes(x.reshape(n, b, d)[w.view(n, b, m)[:, 0, 0] > 0])
+            self._reseed_dead_codes(x[w.view(n, b, m)[:, 0, 0] > 0])
 
     @torch.no_grad()
     def _reseed_dead_codes(self, x: torch.Tensor) -> None:
