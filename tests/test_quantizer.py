@@ -42,6 +42,22 @@ def test_hard_assignment_is_nearest_code_eq1():
     np.testing.assert_allclose(out.codes_used.item(), (p > 0).mean())
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_nearest_codes_is_eq1_and_changes_nothing(blocks):
+    vq = make(assignment="soft", num_blocks=blocks).train()  # soft EM: nearest_codes never samples
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    z = torch.randn(3, 5, 4)
+    codes = vq.nearest_codes(z)
+    d = 4 // blocks
+    for j in range(blocks):
+        e = vq.embed[j].numpy()
+        want = np_dist(z[..., j * d:(j + 1) * d].reshape(-1, d).numpy(), e).argmin(-1).reshape(3, 5)
+        got = codes.numpy() if blocks == 1 else codes[..., j].numpy()
+        np.testing.assert_array_equal(got, want)
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_straight_through_gradient_to_z_e():
     vq = make().train()
     z = torch.randn(6, 4, requires_grad=True)

@@ -77,9 +77,12 @@ class LatentPredictor(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int
+        self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
+        sample: Optional[Tensor] = None, temperature: float = 1.0,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Greedy cached decoding until every sentence has emitted END (or ``max_latents`` codes).
+        """Cached decoding until every sentence has emitted END (or ``max_latents`` codes): greedy, or for the
+        rows where ``sample`` (B,) is True, ancestral sampling from softmax(logits / temperature) (the
+        candidates of noisy parallel decoding).
 
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
         of each sentence's codes and END.
@@ -99,6 +102,12 @@ class LatentPredictor(nn.Module):
                 scores += torch.where(finished, 0.0, lprobs[:, 0, self.end])
                 break
             best, idx = lprobs.max(-1)  # (B, num_blocks)
+            if sample is not None:
+                drawn = torch.multinomial(
+                    F.softmax(lprobs.flatten(0, 1) / temperature, dim=-1), 1
+                ).view_as(idx)
+                idx = torch.where(sample.unsqueeze(1), drawn, idx)
+                best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
             ends = (idx[:, 0] == self.end) & ~finished
             lengths = torch.where(ends, torch.full_like(lengths, t), lengths)
             scores += torch.where(finished, 0.0, best.sum(-1))

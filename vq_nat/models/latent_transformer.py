@@ -243,7 +243,7 @@ class LatentDecoder(FairseqDecoder):
         return z_e, latent_pad
 
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
-               masking: float = 1.0) -> Tensor:
+               masking: float = 1.0, features_only: bool = False) -> Tensor:
         """Latents (B, L, H) -> token logits (B, L * 2^nc, V) in one parallel pass.
 
         Each decompressed position is replaced by the gold target embedding with probability 1 - masking
@@ -262,7 +262,7 @@ class LatentDecoder(FairseqDecoder):
         x = x.transpose(0, 1)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return self.output_layer(x)
+        return x if features_only else self.output_layer(x)
 
     def output_layer(self, features):
         if self.output_projection is None:
@@ -302,26 +302,41 @@ class LatentDecoder(FairseqDecoder):
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
-    def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None):
-        """Predict the latents autoregressively (greedy, cached, early stop at END), then decode in parallel.
+    def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
+                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None):
+        """Predict the latents autoregressively (greedy, cached, early stop at END; rows flagged in ``sample``
+        draw their codes instead), then decode all target positions in one parallel pass.
 
-        Returns token ids (B, T), a per-position log-prob (B, T), the latent padding mask (B, L) and the
-        latent log-probabilities (B,)."""
+        Only the positions a hypothesis can use (its latents × 2^nc, at most ``token_budget``) go through the
+        output projection and softmax, packed across the batch: the padded remainder of the batch's longest
+        latent sequence is never projected onto the vocabulary.
+
+        Returns token ids (B, T) (pad past each span), a per-position log-prob (B, T), the latent padding mask
+        (B, L), the codes and the latent log-probabilities (B,)."""
         enc, _ = _unpack(encoder_out)
         max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
                                  self.latent_predictor.positions.size(0) - 2))
         codes, latent_pad, latent_scores = self.latent_predictor.generate(
-            encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1)
+            encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample
         )
         if latent_budget is not None:  # per-sentence budgets, applied before decoding (batching invariance)
             positions = torch.arange(latent_pad.size(1), device=latent_pad.device).unsqueeze(0)
             latent_pad = latent_pad | (positions >= latent_budget.unsqueeze(1))
         latents = self.bottleneck.embed_codes(codes).to(enc.dtype)
-        logits = self.decode(latents, latent_pad, encoder_out)
-        logits[:, :, self.padding_idx] = float("-inf")
-        logits[:, :, self.dictionary.bos()] = float("-inf")
-        lprobs = F.log_softmax(logits.float(), dim=-1)
-        scores, tokens = lprobs.max(-1)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True)
+        span = (~latent_pad).sum(1) * self.factor
+        if token_budget is not None:
+            span = torch.minimum(span, token_budget)
+        used = torch.arange(features.size(1), device=span.device).unsqueeze(0) < span.unsqueeze(1)
+        logits = self.output_layer(features[used])  # (sum of spans, V)
+        logits[:, self.padding_idx] = float("-inf")
+        logits[:, self.dictionary.bos()] = float("-inf")
+        logits = logits.float()
+        best, best_tokens = logits.max(-1)
+        tokens = torch.full(used.shape, self.padding_idx, dtype=torch.long, device=features.device)
+        scores = torch.zeros(used.shape, device=features.device)
+        tokens[used] = best_tokens
+        scores[used] = best - torch.logsumexp(logits, dim=-1)  # log-softmax at the argmax
         return tokens, scores, latent_pad, codes, latent_scores
 
     def max_positions(self):

@@ -112,6 +112,13 @@ class VectorQuantizer(nn.Module):
         flat = self.embed.reshape(-1, self.block_dim)
         return F.embedding(codes + offsets, flat).flatten(-2)
 
+    @torch.no_grad()
+    def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
+        """eq.1 without sampling or any update: argmin_j ||z_e - e_j||, (...) long (or (..., num_blocks))."""
+        x = z_e.reshape(-1, self.num_blocks, self.block_dim).float()
+        codes = self._scores(x, self.embed.float()).argmax(-1).t()  # (N, B)
+        return codes.reshape(*z_e.shape[:-1], self.num_blocks) if self.num_blocks > 1 else codes.reshape(z_e.shape[:-1])
+
     # ------------------------------------------------------------------ forward
     def forward(self, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> QuantizerOutput:
         if z_e.size(-1) != self.dim:

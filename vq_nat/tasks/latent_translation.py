@@ -26,6 +26,14 @@ class LatentTranslationConfig(TranslationConfig):
                                        "autoencoder input of this fraction of sentences (paper: 0.5)"}
     )
     word_shuffle_distance: int = field(default=3, metadata={"help": "max displacement of the local shuffle"})
+    npd_candidates: int = field(
+        default=1, metadata={"help": "noisy parallel decoding: decode k latent sequences per sentence (greedy + "
+                                     "k-1 sampled) in one parallel pass and keep the one --npd-teacher scores best"}
+    )
+    npd_teacher: str = field(
+        default="", metadata={"help": "autoregressive fairseq checkpoint (same dictionaries) that rescores the "
+                                      "--npd-candidates candidates in one teacher-forced pass"}
+    )
 
 
 @register_task("latent_translation", dataclass=LatentTranslationConfig)
@@ -47,11 +55,33 @@ class LatentTranslationTask(TranslationTask):
         return super().train_step(self.add_noise(sample), model, criterion, optimizer, update_num, ignore_grad)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        teacher = None
+        if self.cfg.npd_teacher:
+            teacher = self.load_npd_teacher(self.cfg.npd_teacher, models)
         return LatentGenerator(
             self.target_dictionary,
             max_len_a=getattr(args, "max_len_a", 0.0),
             max_len_b=getattr(args, "max_len_b", 200),
+            npd_candidates=self.cfg.npd_candidates,
+            npd_teacher=teacher,
         )
+
+    def load_npd_teacher(self, path, models):
+        import os
+
+        from fairseq import checkpoint_utils
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--npd-teacher: no such checkpoint: {path}")
+        (teacher,), _ = checkpoint_utils.load_model_ensemble([path], task=self)
+        if len(teacher.decoder.dictionary) != len(self.target_dictionary):
+            raise ValueError(f"--npd-teacher {path}: its target dictionary has {len(teacher.decoder.dictionary)} "
+                             f"entries, this task's {len(self.target_dictionary)}; it must be trained on the same "
+                             "binarized data (scripts/train-teacher.sh)")
+        if models:
+            p = next(models[0].parameters())
+            teacher.to(device=p.device, dtype=p.dtype)
+        return teacher.eval()
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         with torch.no_grad():

@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Run the paper's comparisons on a prepared data set (Table 1, the ablations of Tables 2-4, Figure 3).
+
+    python scripts/experiments.py table1 --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--max-update 1000]
+    python scripts/experiments.py ablations --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--only K1024 m1 ...]
+    python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300]
+    python scripts/experiments.py report --work DIR          # tables (markdown) from what has run so far
+
+``BIN`` comes from ``scripts/prepare-data.sh``/``prepare-multi30k.sh`` (``RAW`` is its raw directory, holding the
+untokenized ``test.<tgt>`` references), ``DISTILL_BIN`` from ``scripts/distill.sh``. Every run is a plain
+``fairseq-train`` / ``fairseq-generate`` command (printed before it runs) and is resumable: a run whose last
+checkpoint has reached ``--max-update`` is not trained again, a decoded output that exists is not decoded again,
+so rerunning the same command continues where it stopped. All models get the same size (d=128, ffn 256, 4 heads,
+3+3 layers, shared embeddings), optimizer, batch size (``--max-tokens``) and number of updates.
+
+Scores: sacreBLEU on detokenized (sacremoses), cased output against the raw references; latency: fairseq-generate's
+own total for the test set (model time, not data loading) divided by the number of sentences, at batch size 1
+and 64, one model at a time on the same machine.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(ROOT, "vq_nat")
+
+SIZE = [
+    "--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
+    "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--encoder-layers", "3", "--decoder-layers", "3", "--share-all-embeddings",
+]
+OPTIM = [
+    "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
+    "--warmup-updates", "300", "--dropout", "0.1", "--num-workers", "0", "--no-progress-bar", "--cpu",
+    "--no-epoch-checkpoints", "--log-format", "json",
+]
+LENGTH = ["--max-len-a", "1.2", "--max-len-b", "10"]
+
+
+@dataclass
+class Run:
+    """One trained model (``name`` = its directory) and the decodings that are scored from it."""
+
+    name: str
+    kind: str  # lt | ar | nat | cmlm
+    distilled: bool
+    train_args: List[str] = field(default_factory=list)
+    # row label -> extra fairseq-generate arguments
+    decodes: dict = field(default_factory=dict)
+
+
+def lt_run(bottleneck="em", distilled=False, codes=512, samples=10, nc=3, seed=1, reseed=True, label=None):
+    name = f"lt-{bottleneck}-{'distill' if distilled else 'raw'}-K{codes}-m{samples}-nc{nc}-s{seed}"
+    if not reseed:
+        name += "-noreseed"
+    args = [
+        "--task", "latent_translation", "--arch", "latent_transformer_tiny", "--criterion", "latent_vq",
+        "--bottleneck", bottleneck, "--num-codes", str(codes), "--num-samples", str(samples),
+        "--num-compress-steps", str(nc), "--mask-startup-steps", "400", "--codebook-decay", "0.99",
+        "--share-all-embeddings", "--seed", str(seed),
+    ] + (["--dead-code-threshold", "0.1"] if reseed else [])
+    label = label or f"LT {bottleneck}{' (m=%d)' % samples if bottleneck == 'em' else ''}, nc={nc}, K={codes}" + (
+        " + distillation" if distilled else "")
+    return Run(name, "lt", distilled, args, {label: ["--task", "latent_translation"] + LENGTH})
+
+
+def ar_run(distilled=False):
+    args = ["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy",
+            "--label-smoothing", "0.1"] + SIZE
+    return Run("ar-distill" if distilled else "ar", "ar", distilled, args, {
+        "AR transformer, beam 4": ["--task", "translation", "--beam", "4"] + LENGTH,
+        "AR transformer, greedy": ["--task", "translation", "--beam", "1"] + LENGTH,
+    })
+
+
+def lev_run(arch, distilled=True):
+    """fairseq's own non-autoregressive peers (``fairseq/models/nat``), task ``translation_lev``."""
+    noise = {"nonautoregressive_transformer": "full_mask", "cmlm_transformer": "random_mask"}[arch]
+    args = ["--task", "translation_lev", "--arch", arch, "--noise", noise, "--criterion", "nat_loss",
+            "--label-smoothing", "0.1", "--pred-length-offset", "--length-loss-factor", "0.1",
+            "--apply-bert-init"] + SIZE
+    suffix = " + distillation" if distilled else ""
+    gen = ["--task", "translation_lev", "--beam", "1", "--iter-decode-eos-penalty", "0"]
+    if arch == "nonautoregressive_transformer":
+        decodes = {"fairseq NAT (1 pass, length prediction)" + suffix: gen + ["--iter-decode-max-iter", "0"]}
+    else:
+        decodes = {"fairseq CMLM, 1 iteration" + suffix: gen + ["--iter-decode-max-iter", "0"],
+                   "fairseq CMLM, 10 iterations" + suffix: gen + ["--iter-decode-max-iter", "9"]}
+    name = {"nonautoregressive_transformer": "nat", "cmlm_transformer": "cmlm"}[arch]
+    return Run(f"{name}-{'distill' if distilled else 'raw'}", name, distilled, args, decodes)
+
+
+def table1_runs():
+    return [
+        ar_run(),
+        lt_run("vq"), lt_run("em"),
+        lt_run("vq", distilled=True), lt_run("em", distilled=True),
+        lt_run("em", distilled=True, nc=4),
+        lev_run("nonautoregressive_transformer"), lev_run("cmlm_transformer"),
+    ]
+
+
+ABLATIONS = {  # Tables 2-4: soft EM + distillation, one factor changed from the base (K=512, m=10, nc=3)
+    **{f"K{k}": dict(codes=k) for k in (256, 512, 1024, 4096, 16384)},
+    **{f"m{m}": dict(samples=m) for m in (1, 5, 10, 25)},
+    **{f"nc{n}": dict(nc=n) for n in (3, 4)},
+}
+
+
+def ablation_runs(only=None):
+    keys = only or list(ABLATIONS)
+    unknown = [k for k in keys if k not in ABLATIONS]
+    if unknown:
+        sys.exit(f"experiments.py: unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+    return [lt_run("em", distilled=True, **ABLATIONS[k]) for k in keys]
+
+
+def robustness_runs(seeds):
+    return [lt_run(b, seed=s, reseed=False) for b in ("vq", "em") for s in seeds]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def sh(cmd, log=None):
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if log is None:
+        subprocess.run(cmd, check=True)
+        return
+    with open(log, "a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = open(log).read()[-3000:]
+        sys.exit(f"experiments.py: command failed (exit {rc}); end of {log}:\n{tail}")
+
+
+def num_updates(checkpoint):
+    if not os.path.exists(checkpoint):
+        return 0
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return int(state.get("optimizer_history", [{}])[-1].get("num_updates", 0))
+
+
+def train(run, args, data):
+    save = os.path.join(args.work, run.name)
+    os.makedirs(save, exist_ok=True)
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    done = num_updates(ckpt)
+    if done >= args.max_update:
+        print(f"experiments.py: {run.name}: trained ({done} updates)", flush=True)
+        return ckpt
+    cmd = ["fairseq-train", data, "--user-dir", USER_DIR, *run.train_args, *OPTIM,
+           "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--save-dir", save,
+           "--save-interval-updates", "500", "--keep-interval-updates", "1",
+           "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log")]
+    import time
+
+    start = time.time()
+    sh(cmd, log=os.path.join(save, "stdout.log"))
+    with open(os.path.join(save, "train_seconds.txt"), "a") as f:
+        f.write(f"{time.time() - start:.1f}\n")
+    return ckpt
+
+
+def decode(run, label, gen_args, ckpt, data, args):
+    """fairseq-generate at batch 64 (scored) and batch 1 (latency only)."""
+    out = {}
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    for bs in (64, 1):
+        path = os.path.join(args.work, run.name, f"gen.{slug}.b{bs}.txt")
+        if not os.path.exists(path):
+            cmd = ["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", args.subset,
+                   "--batch-size", str(bs), "--remove-bpe", "--cpu", "--num-workers", "0", *gen_args]
+            sh(cmd, log=path + ".tmp")
+            os.replace(path + ".tmp", path)
+        out[bs] = path
+    return out
+
+
+def read_generate(path):
+    hyps, secs, n = {}, None, None
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("H-"):
+            i, _, text = line.rstrip("\n").split("\t")
+            hyps[int(i[2:])] = text
+        m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s", line)
+        if m:
+            n, secs = int(m.group(1).replace(",", "")), float(m.group(2))
+    if secs is None:
+        sys.exit(f"experiments.py: {path} has no 'Translated N sentences' line (decoding failed?)")
+    return hyps, 1000.0 * secs / n
+
+
+def score(path, refs_path, lang):
+    from sacrebleu.metrics import BLEU
+    from sacremoses import MosesDetokenizer
+
+    hyps, _ = read_generate(path)
+    refs = [line.rstrip("\n") for line in open(refs_path, encoding="utf-8")]
+    if len(hyps) != len(refs):
+        sys.exit(f"experiments.py: {path}: {len(hyps)} hypotheses for {len(refs)} references")
+    md = MosesDetokenizer(lang=lang)
+    bleu = BLEU()
+    s = bleu.corpus_score([md.detokenize(hyps[i].split()) for i in range(len(refs))], [refs])
+    return s.score, str(bleu.get_signature())
+
+
+def langs(data):
+    for f in sorted(os.listdir(data)):
+        m = re.match(r"train\.([^-.]+)-([^.]+)\.\1\.idx$", f)
+        if m:
+            return m.group(1), m.group(2)
+    sys.exit(f"experiments.py: {data} has no binarized train split")
+
+
+def execute(runs, args, table):
+    for d in (args.data, args.distill, args.raw):
+        if d and not os.path.isdir(d):
+            sys.exit(f"experiments.py: no such directory: {d}")
+    results_path = os.path.join(args.work, "results.jsonl")
+    for run in runs:
+        data = args.distill if run.distilled else args.data
+        if data is None:
+            sys.exit(f"experiments.py: {run.name} needs --distill (a directory from scripts/distill.sh)")
+        src, tgt = langs(data)
+        ckpt = train(run, args, data)
+        secs = sum(float(x) for x in open(os.path.join(args.work, run.name, "train_seconds.txt")).read().split()) \
+            if os.path.exists(os.path.join(args.work, run.name, "train_seconds.txt")) else None
+        for label, gen_args in run.decodes.items():
+            if args.no_decode:
+                continue
+            paths = decode(run, label, gen_args, ckpt, data, args)
+            bleu, sig = score(paths[64], os.path.join(args.raw, f"{args.subset}.{tgt}"), tgt)
+            row = dict(table=table, label=label, run=run.name, bleu=round(bleu, 2), signature=sig,
+                       ms_b1=round(read_generate(paths[1])[1], 2), ms_b64=round(read_generate(paths[64])[1], 2),
+                       updates=num_updates(ckpt), train_seconds=secs, kind=run.kind)
+            print("experiments.py: " + json.dumps(row), flush=True)
+            with open(results_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_results(work):
+    rows = {}
+    path = os.path.join(work, "results.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            r = json.loads(line)
+            rows[(r["table"], r["label"])] = r  # the latest measurement of a row wins
+    return list(rows.values())
+
+
+def report(args):
+    rows = read_results(args.work)
+    out = []
+    t1 = [r for r in rows if r["table"] == "table1"]
+    if t1:
+        greedy = next((r for r in t1 if r["label"] == "AR transformer, greedy"), None)
+        beam = next((r for r in t1 if r["label"] == "AR transformer, beam 4"), None)
+        out += ["| model | updates (train time) | test sacreBLEU | ms/sent. b1 | ms/sent. b64 | "
+                "speedup vs greedy b1 / b64 | vs beam 4 b1 / b64 |", "|---|---|---|---|---|---|---|"]
+        for r in t1:
+            sp = lambda ref: (f"{ref['ms_b1'] / r['ms_b1']:.2f}× / {ref['ms_b64'] / r['ms_b64']:.2f}×"
+                              if ref else "n/a")
+            t = f"{r['train_seconds'] / 60:.0f} min" if r.get("train_seconds") else "?"
+            out.append(f"| {r['label']} | {r['updates']} ({t}) | {r['bleu']:.2f} | {r['ms_b1']:.2f} | "
+                       f"{r['ms_b64']:.2f} | {sp(greedy)} | {sp(beam)} |")
+        out.append(f"\nsacreBLEU signature: {t1[0]['signature']}\n")
+    ab = {r["run"]: r for r in rows if r["kind"] == "lt"}
+    out += ["| ablation (soft EM + distillation) | run | test sacreBLEU | ms/sent. b1 |", "|---|---|---|---|"]
+    for key, kw in ABLATIONS.items():
+        run = lt_run("em", distilled=True, **kw)
+        r = ab.get(run.name)
+        out.append(f"| {key} | {run.name} | {r['bleu']:.2f} | {r['ms_b1']:.2f} |" if r else
+                   f"| {key} | {run.name} | not run | not run |")
+    print("\n".join(out))
+
+
+def plot_robustness(args):
+    """Figure 3 analog: code perplexity and fraction of codes used over updates, hard vs soft EM, each seed."""
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    summary = []
+    for run in robustness_runs(args.seeds):
+        log = os.path.join(args.work, run.name, "train.log")
+        if not os.path.exists(log):
+            continue
+        xs, ppl, used = [], [], []
+        for line in open(log):
+            m = re.search(r"\{.*\}", line)
+            if "train_inner" not in line or not m:
+                continue
+            d = json.loads(m.group(0))
+            if "code_ppl" in d:
+                xs.append(int(d["num_updates"]))
+                ppl.append(float(d["code_ppl"]))
+                used.append(float(d["codes_used"]))
+        hard = "-vq-" in run.name
+        style = dict(color="tab:red" if hard else "tab:blue", ls="-" if hard else "--", alpha=0.8,
+                     label=("hard EM (vq)" if hard else "soft EM (em, m=10)") + f", seed {run.name[-1]}")
+        axes[0].plot(xs, ppl, **style)
+        axes[1].plot(xs, used, **style)
+        if xs:
+            summary.append((run.name, xs[-1], ppl[-1], used[-1], max(ppl)))
+    if not summary:
+        sys.exit("experiments.py: no robustness runs found under " + args.work)
+    axes[0].set(xlabel="update", ylabel="code perplexity", yscale="log", title="code perplexity (of K=512)")
+    axes[1].set(xlabel="update", ylabel="fraction of codes used per batch", title="codes used")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    png = os.path.join(args.work, "robustness.png")
+    fig.savefig(png, dpi=120)
+    print(f"experiments.py: wrote {png}")
+    print("| run | last update | code ppl (last) | codes used (last) | max code ppl |\n|---|---|---|---|---|")
+    for name, x, p, u, mx in summary:
+        print(f"| {name} | {x} | {p:.1f} | {u:.3f} | {mx:.1f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["table1", "ablations", "robustness", "report"])
+    p.add_argument("--data", help="fairseq-preprocess directory (scripts/prepare-data.sh)")
+    p.add_argument("--distill", help="distilled directory (scripts/distill.sh)")
+    p.add_argument("--raw", help="raw text directory with the untokenized references <subset>.<tgt>")
+    p.add_argument("--work", required=True, help="directory for checkpoints, outputs and results.jsonl")
+    p.add_argument("--max-update", type=int, default=1000, help="training budget of every model (updates)")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--subset", default="test", help="split to decode and score")
+    p.add_argument("--only", nargs="*", help="table1: run names; ablations: keys such as K1024 m1 nc4")
+    p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
+    p.add_argument("--no-decode", action="store_true", help="train only")
+    args = p.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    if args.what == "report":
+        report(args)
+        if any(os.path.exists(os.path.join(args.work, r.name, "train.log")) for r in robustness_runs(args.seeds)):
+            plot_robustness(args)
+        return
+    if not args.data or not args.raw:
+        sys.exit("experiments.py: --data and --raw are required")
+    if args.what == "table1":
+        runs = table1_runs()
+        if args.only:  # in the order given
+            by_name = {r.name: r for r in runs}
+            missing = [n for n in args.only if n not in by_name]
+            if missing:
+                sys.exit(f"experiments.py: unknown run(s) {missing}; choose from {list(by_name)}")
+            runs = [by_name[n] for n in args.only]
+        execute(runs, args, "table1")
+    elif args.what == "ablations":
+        execute(ablation_runs(args.only), args, "ablations")
+    else:
+        args.no_decode = True
+        execute(robustness_runs(args.seeds), args, "robustness")
+        plot_robustness(args)
+
+
+if __name__ == "__main__":
+    main()

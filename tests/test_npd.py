@@ -1,0 +1,113 @@
+"""Noisy parallel decoding (--npd-candidates k --npd-teacher PATH): candidates, teacher rescoring, CLI."""
+import os
+
+import pytest
+import torch
+from fairseq_helpers import (USER_DIR, build_task_and_model, generate, hypotheses, make_copy_task,
+                             make_sample, preprocess, train)
+
+from vq_nat.latent_generator import LatentGenerator
+
+TEACHER = [
+    "--arch", "transformer", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-layers", "1",
+    "--decoder-layers", "1", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+
+
+def build_teacher(task, seed=0):
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [task.cfg.data, "--user-dir", USER_DIR, "--task",
+                                                "latent_translation", "--source-lang", "src", "--target-lang",
+                                                "tgt", "--cpu"] + TEACHER)
+    torch.manual_seed(seed)
+    return task.build_model(convert_namespace_to_omegaconf(args).model).eval()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    task, model, _ = build_task_and_model(str(tmp_path_factory.mktemp("dict")))
+    return task, model.eval(), build_teacher(task)
+
+
+def teacher_mean_logprob(teacher, src, tokens):
+    """Independent reference: fairseq's SequenceScorer (teacher forcing) on one sentence."""
+    from fairseq.sequence_scorer import SequenceScorer
+
+    d = teacher.decoder.dictionary
+    prev = torch.cat([tokens.new_tensor([d.eos()]), tokens[:-1]]).unsqueeze(0)
+    sample = {"net_input": {"src_tokens": src.unsqueeze(0), "src_lengths": torch.tensor([src.numel()]),
+                            "prev_output_tokens": prev}, "target": tokens.unsqueeze(0)}
+    hypo = SequenceScorer(d).generate([teacher], sample)[0][0]
+    return float(hypo["positional_scores"].mean())
+
+
+def test_npd_returns_the_candidate_the_teacher_scores_best(built):
+    task, model, teacher = built
+    d = task.target_dictionary
+    sample = make_sample(d, [3, 9, 5, 12], seed=1)
+    k = 4
+    greedy = LatentGenerator(d, max_len_b=40).generate([model], sample)
+    gen = LatentGenerator(d, max_len_b=40, npd_candidates=k, npd_teacher=teacher)
+    seen = {}
+    rescore = gen.rescore
+
+    def spy(src_tokens, src_lengths, hypos, kk):
+        seen["hypos"], seen["scores"] = hypos, rescore(src_tokens, src_lengths, hypos, kk)
+        return seen["scores"]
+
+    gen.rescore = spy
+    torch.manual_seed(3)
+    out = gen.generate([model], sample)
+    hypos, scores = seen["hypos"], seen["scores"]
+    assert len(hypos) == 4 * k and len(out) == 4
+    src = sample["net_input"]["src_tokens"]
+    for i in range(4):
+        # candidate 0 of every sentence is the greedy decoding
+        assert torch.equal(hypos[i * k]["tokens"], greedy[i][0]["tokens"])
+        # the teacher's scores agree with fairseq's SequenceScorer
+        s = src[i][src[i].ne(d.pad())]
+        for j in range(k):
+            ref = teacher_mean_logprob(teacher, s, hypos[i * k + j]["tokens"])
+            assert abs(float(scores[i * k + j]) - ref) < 1e-4
+        best = int(scores[i * k : (i + 1) * k].argmax())
+        assert torch.equal(out[i][0]["tokens"], hypos[i * k + best]["tokens"])
+        assert out[i][0]["npd_candidate"] == best
+    # the sampled candidates are not all copies of the greedy one (the latents are drawn)
+    assert any(not torch.equal(hypos[i * k]["latents"], hypos[i * k + j]["latents"])
+               for i in range(4) for j in range(1, k))
+
+
+def test_npd_with_one_candidate_is_greedy_and_bad_settings_are_clear_errors(built):
+    task, model, teacher = built
+    d = task.target_dictionary
+    sample = make_sample(d, [4, 7], seed=2)
+    plain = LatentGenerator(d, max_len_b=40).generate([model], sample)
+    one = LatentGenerator(d, max_len_b=40, npd_candidates=1, npd_teacher=teacher).generate([model], sample)
+    assert [h[0]["tokens"].tolist() for h in plain] == [h[0]["tokens"].tolist() for h in one]
+    with pytest.raises(ValueError, match="needs --npd-teacher"):
+        LatentGenerator(d, npd_candidates=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        LatentGenerator(d, npd_candidates=0, npd_teacher=teacher)
+
+
+def test_npd_through_fairseq_generate(tmp_path):
+    raw, data_bin = str(tmp_path / "raw"), str(tmp_path / "bin")
+    make_copy_task(raw, n_train=120, n_valid=8, n_test=11)
+    preprocess(raw, data_bin)
+    lt, ar = str(tmp_path / "lt"), str(tmp_path / "ar")
+    train(data_bin, lt, ["--bottleneck", "em", "--num-samples", "3"])
+    train(data_bin, ar, ["--task", "translation", "--criterion", "cross_entropy"], arch_flags=TEACHER)
+    teacher = os.path.join(ar, "checkpoint_last.pt")
+    out = generate(data_bin, os.path.join(lt, "checkpoint_last.pt"),
+                   ["--npd-candidates", "4", "--npd-teacher", teacher, "--max-len-b", "30"])
+    assert sorted(hypotheses(out)) == list(range(11))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        generate(data_bin, os.path.join(lt, "checkpoint_last.pt"),
+                 ["--npd-candidates", "4", "--npd-teacher", str(tmp_path / "missing.pt")])
+    with pytest.raises(ValueError, match="needs --npd-teacher"):
+        generate(data_bin, os.path.join(lt, "checkpoint_last.pt"), ["--npd-candidates", "4"])
+
