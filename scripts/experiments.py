@@ -300,11 +300,10 @@ def plot_robustness(args):
             continue
         xs, ppl, used = [], [], []
         for line in open(log):
-            m = re.search(r"\{.*\}", line)
-            if "train_inner" not in line or not m:
+            if not line.startswith('{"'):  # fairseq's json log lines (the file also holds the config dump)
                 continue
-            d = json.loads(m.group(0))
-            if "code_ppl" in d:
+            d = json.loads(line)
+            if "code_ppl" in d and "num_updates" in d:  # train_inner (epoch/valid stats have prefixed keys)
                 xs.append(int(d["num_updates"]))
                 ppl.append(float(d["code_ppl"]))
                 used.append(float(d["codes_used"]))

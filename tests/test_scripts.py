@@ -80,3 +80,53 @@ def test_teacher_and_distillation(prepared):
     assert sum(1 for _ in open(os.path.join(distilled, "text", "train.de"))) == 60
     p = run("scripts/distill.sh", data_bin, str(root / "missing.pt"), distilled, check=False)
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
+
+
+def py(*args, check=True):
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
+    import json
+
+    root, raw, out = prepared
+    data_bin, work = os.path.join(out, "bin"), str(root / "exp")
+    lt = "lt-em-raw-K512-m10-nc3-s1"
+    args = ["scripts/experiments.py", "table1", "--data", data_bin, "--raw", raw, "--work", work,
+            "--max-update", "2", "--max-tokens", "500", "--log-interval", "1", "--only", lt, "ar"]
+    py(*args)
+    rows = [json.loads(line) for line in open(os.path.join(work, "results.jsonl"))]
+    assert [r["label"] for r in rows] == ["LT em (m=10), nc=3, K=512", "AR transformer, beam 4",
+                                          "AR transformer, greedy"]
+    for r in rows:
+        assert 0.0 <= r["bleu"] <= 100.0 and r["ms_b1"] > 0 and r["ms_b64"] > 0 and r["updates"] == 2
+        assert r["signature"].startswith("nrefs:1|case:mixed")
+    # rerunning continues: nothing is trained or decoded again
+    p = py(*args)
+    assert f"{lt}: trained (2 updates)" in p.stdout and "fairseq-generate" not in p.stdout
+    # the distilled rows need the distilled data
+    p = py(*args[:-2], "lt-em-distill-K512-m10-nc3-s1", check=False)
+    assert p.returncode != 0 and "needs --distill" in p.stderr
+    report = py("scripts/experiments.py", "report", "--work", work).stdout
+    assert "| AR transformer, greedy | 2 " in report and "1.00× / 1.00×" in report
+    assert "| K1024 | lt-em-distill-K1024-m10-nc3-s1 | not run | not run |" in report
+
+    p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,
+           "--seeds", "1", "--max-update", "3", "--max-tokens", "500", "--log-interval", "1")
+    assert os.path.getsize(os.path.join(work, "robustness.png")) > 0
+    assert "| lt-vq-raw-K512-m10-nc3-s1-noreseed | 3 |" in p.stdout
+    assert "| lt-em-raw-K512-m10-nc3-s1-noreseed | 3 |" in p.stdout
+
+    png = str(root / "usage.png")
+    p = py("scripts/dump_latents.py", data_bin, "--path", os.path.join(work, lt, "checkpoint_last.pt"),
+           "--show", "3", "--png", png, "--cpu")
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("S-0\t") and lines[1].startswith("T-0\t")
+    assert lines[2].startswith("A-0\t") and lines[2].endswith("|eos")
+    assert lines[3].startswith("P-0\t") and lines[3].endswith("<end>")
+    assert "9 sentences" in p.stdout and os.path.getsize(png) > 0
+    p = py("scripts/dump_latents.py", data_bin, "--path", str(root / "missing.pt"), check=False)
+    assert p.returncode != 0 and "no such checkpoint" in p.stderr
