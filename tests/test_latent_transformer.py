@@ -77,7 +77,26 @@ def test_latent_targets_end_symbol_after_each_sentence(built):
         assert lt[i, n, 0, k] == 1.0  # END right after the last latent
         assert torch.allclose(lt[i, :n, 0, :k].sum(-1), torch.ones(n))  # averaged one-hots of the samples
         assert (lt[i, n + 1 :] == 0).all()
-    assert out["logits"].shape[:2] == sample["target"].shape
+    assert out["features"].shape[:2] == sample["target"].shape
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_reconstruction_loss_projects_only_real_tokens_yet_equals_the_padded_computation(built, eps):
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    task, model, criterion = built
+    model.eval()  # no dropout, no sampling differences between the two forward passes
+    sample = make_sample(task, [2, 9, 5], seed=4)
+    criterion.eps = eps
+    torch.manual_seed(0)
+    _, _, log = criterion(model, sample)
+    torch.manual_seed(0)
+    out = model(**sample["net_input"], target=sample["target"])
+    lprobs = torch.log_softmax(model.decoder.output_layer(out["features"]).float(), -1)  # padding included
+    recon, nll = label_smoothed_nll_loss(lprobs, sample["target"], eps, ignore_index=task.target_dictionary.pad())
+    criterion.eps = 0.0
+    torch.testing.assert_close(log["recon_loss"], recon.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log["nll_loss"], nll.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_autoencoder_and_decoder_are_batching_invariant(built):

@@ -191,7 +191,7 @@ def test_target_lengths_not_a_multiple_of_compression(tmp_path):
         loss, _, log = criterion(model, sample)
         assert torch.isfinite(loss), train_mode
         out = model(**sample["net_input"], target=sample["target"])
-        assert out["logits"].shape[:2] == sample["target"].shape
+        assert out["features"].shape[:2] == sample["target"].shape
         got = (~out["latent_padding_mask"]).sum(1).tolist()
         assert got == [-(-(n + 1) // 8) for n in lengths]
 
@@ -384,7 +384,8 @@ def test_bfloat16_model_keeps_ema_fp32_and_updates_it(tmp_path):
     # sum_j c_j <- lam * sum_j c_j + (1 - lam) * (#latents): the 0.001 * count term survives (fp32 buffers)
     assert vq.ema_count.sum().item() == pytest.approx(lam * total_before + (1 - lam) * n_valid, abs=1e-4)
     assert vq.ema_count.dtype == torch.float32 and torch.isfinite(vq.ema_count).all()
-    assert out["logits"].dtype == torch.bfloat16 and torch.isfinite(out["logits"].float()).all()
+    logits = model.decoder.output_layer(out["features"])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
 @pytest.mark.parametrize("assignment", ["hard", "soft"])

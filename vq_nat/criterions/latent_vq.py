@@ -40,8 +40,15 @@ class LatentVQCriterion(FairseqCriterion):
         ntokens = sample["ntokens"]
         sample_size = ntokens
 
-        lprobs = F.log_softmax(out["logits"].float(), dim=-1)
-        recon, nll = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx)
+        # reconstruction: only the real target positions go through the output projection and the softmax
+        real = target.ne(self.padding_idx)
+        logits = model.decoder.output_layer(out["features"][real])  # (ntokens, V)
+        lprobs = F.log_softmax(logits.float(), dim=-1)
+        if self.eps > 0:
+            recon, nll = label_smoothed_nll_loss(lprobs, target[real], self.eps, ignore_index=self.padding_idx)
+        else:  # plain NLL: no smoothing term, whose backward would add a second dense (ntokens, V) gradient
+            nll = F.nll_loss(lprobs, target[real], reduction="sum")
+            recon = nll
 
         # latent predictor: cross-entropy against one-hot / averaged sample one-hots, END included
         lp_targets = out["latent_targets"]  # (B, L + 1, blocks, K + 1)

@@ -275,12 +275,15 @@ class LatentDecoder(FairseqDecoder):
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
-        logits = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking())
+        features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking(),
+                               features_only=True)
         lp_logits = self.latent_predictor(
             q.quantized.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad, encoder_out
         )
         return {
-            "logits": logits[:, : target.size(1)],
+            # decoder states of the target positions (B, T, H); the criterion projects only the real tokens
+            # onto the vocabulary (``output_layer``), never the padding
+            "features": features[:, : target.size(1)],
             "bottleneck": q,
             "latent_padding_mask": latent_pad,
             "latent_logits": lp_logits,
@@ -343,7 +346,10 @@ class LatentDecoder(FairseqDecoder):
         return self.max_target_positions
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):
-        logits = net_output["logits"] if isinstance(net_output, dict) else net_output[0]
+        if isinstance(net_output, dict):
+            logits = net_output["logits"] if "logits" in net_output else self.output_layer(net_output["features"])
+        else:
+            logits = net_output[0]
         return F.log_softmax(logits.float(), dim=-1) if log_probs else F.softmax(logits.float(), dim=-1)
 
 
