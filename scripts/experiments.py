@@ -169,6 +169,21 @@ def train(run, args, data):
     return ckpt
 
 
+def train_seconds(run_dir):
+    """fairseq's own elapsed-time meter ("wall", kept across resumes) at the last logged update; else the
+    summed wall-clock time of the training commands run here (train_seconds.txt)."""
+    wall = None
+    log = os.path.join(run_dir, "train.log")
+    if os.path.exists(log):
+        for line in open(log):
+            if line.startswith('{"') and '"wall"' in line:
+                wall = float(json.loads(line)["wall"])
+    if wall is not None:
+        return wall
+    path = os.path.join(run_dir, "train_seconds.txt")
+    return sum(float(x) for x in open(path).read().split()) if os.path.exists(path) else None
+
+
 def decode(run, label, gen_args, ckpt, data, args):
     """fairseq-generate at batch 64 (scored) and batch 1 (latency only)."""
     out = {}
@@ -231,8 +246,7 @@ def execute(runs, args, table):
             sys.exit(f"experiments.py: {run.name} needs --distill (a directory from scripts/distill.sh)")
         src, tgt = langs(data)
         ckpt = train(run, args, data)
-        secs = sum(float(x) for x in open(os.path.join(args.work, run.name, "train_seconds.txt")).read().split()) \
-            if os.path.exists(os.path.join(args.work, run.name, "train_seconds.txt")) else None
+        secs = train_seconds(os.path.join(args.work, run.name))
         for label, gen_args in run.decodes.items():
             if args.no_decode:
                 continue

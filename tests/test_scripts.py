@@ -130,3 +130,44 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert "9 sentences" in p.stdout and os.path.getsize(png) > 0
     p = py("scripts/dump_latents.py", data_bin, "--path", str(root / "missing.pt"), check=False)
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
+
+
+def test_prepare_wmt14_from_local_archives(tmp_path):
+    """The WMT'14 script on tiny stand-in archives with the statmt.org layout (the download path is not run)."""
+    import tarfile
+
+    src = tmp_path / "src"
+    en = ["A house .", "The cat sleeps .", "Good morning ."]
+    de = ["Ein Haus .", "Die Katze schläft .", "Guten Morgen ."]
+    files = {"training/europarl-v7.de-en": (en, de), "commoncrawl.de-en": (en[:2], de[:2]),
+             "training/news-commentary-v12.de-en": (en[1:], de[1:]), "dev/newstest2013": (en, de)}
+    for name, (e, d) in files.items():
+        for lang, lines in (("en", e), ("de", d)):
+            p = src / f"{name}.{lang}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("\n".join(lines) + "\n")
+    (src / "test-full").mkdir()
+    for lang, kind, lines in (("en", "src", en), ("de", "ref", de)):
+        segs = "".join(f'<seg id="{i + 1}">{s}</seg>\n' for i, s in enumerate(lines))
+        (src / "test-full" / f"newstest2014-deen-{kind}.{lang}.sgm").write_text(
+            f'<srcset setid="newstest2014">\n<doc docid="x">\n{segs}</doc>\n</srcset>\n')
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    members = {"training-parallel-europarl-v7.tgz": ["training/europarl-v7.de-en.en", "training/europarl-v7.de-en.de"],
+               "training-parallel-commoncrawl.tgz": ["commoncrawl.de-en.en", "commoncrawl.de-en.de"],
+               "training-parallel-nc-v12.tgz": ["training/news-commentary-v12.de-en.en",
+                                                "training/news-commentary-v12.de-en.de"],
+               "dev.tgz": ["dev/newstest2013.en", "dev/newstest2013.de"],
+               "test-full.tgz": ["test-full/newstest2014-deen-src.en.sgm", "test-full/newstest2014-deen-ref.de.sgm"]}
+    for archive, names in members.items():
+        with tarfile.open(raw / archive, "w:gz") as t:
+            for n in names:
+                t.add(src / n, arcname=n)
+    out = tmp_path / "out"
+    p = run("scripts/prepare-wmt14-en-de.sh", str(raw), str(out), "--merges", "10", "--workers", "1")
+    assert "train: 7 sentence pairs" in p.stdout and "test: 3 sentence pairs" in p.stdout
+    assert (out / "raw" / "test.de").read_text().splitlines() == de  # SGML stripped, text kept
+    assert (out / "bin" / "dict.de.txt").exists() and (out / "bin" / "test.en-de.de.idx").exists()
+    (raw / "dev.tgz").unlink()
+    p = run("scripts/prepare-wmt14-en-de.sh", str(raw), str(tmp_path / "o2"), check=False)
+    assert p.returncode != 0 and "missing archive" in p.stderr
