@@ -96,11 +96,17 @@ def lev_run(arch, distilled=True):
     return Run(f"{name}-{'distill' if distilled else 'raw'}", name, distilled, args, decodes)
 
 
-def table1_runs():
+def table1_runs(work):
+    em_distill = lt_run("em", distilled=True)
+    teacher = os.path.join(work, ar_run().name, "checkpoint_last.pt")  # the table's AR model rescores NPD
+    base = next(iter(em_distill.decodes.values()))
+    for k in (4, 8):
+        em_distill.decodes[f"LT em (m=10), nc=3, K=512 + distillation, NPD k={k} (AR rescoring)"] = base + [
+            "--npd-candidates", str(k), "--npd-teacher", teacher]
     return [
         ar_run(),
         lt_run("vq"), lt_run("em"),
-        lt_run("vq", distilled=True), lt_run("em", distilled=True),
+        lt_run("vq", distilled=True), em_distill,
         lt_run("em", distilled=True, nc=4),
         lev_run("nonautoregressive_transformer"), lev_run("cmlm_transformer"),
     ]
@@ -250,6 +256,9 @@ def execute(runs, args, table):
         for label, gen_args in run.decodes.items():
             if args.no_decode:
                 continue
+            if "--npd-teacher" in gen_args and not os.path.exists(gen_args[gen_args.index("--npd-teacher") + 1]):
+                print(f"experiments.py: {label}: skipped until the AR model is trained", flush=True)
+                continue
             paths = decode(run, label, gen_args, ckpt, data, args)
             bleu, sig = score(paths[64], os.path.join(args.raw, f"{args.subset}.{tgt}"), tgt)
             row = dict(table=table, label=label, run=run.name, bleu=round(bleu, 2), signature=sig,
@@ -366,7 +375,7 @@ def main(argv=None):
     if not args.data or not args.raw:
         sys.exit("experiments.py: --data and --raw are required")
     if args.what == "table1":
-        runs = table1_runs()
+        runs = table1_runs(args.work)
         if args.only:  # in the order given
             by_name = {r.name: r for r in runs}
             missing = [n for n in args.only if n not in by_name]
