@@ -211,12 +211,12 @@ def read_generate(path):
         if line.startswith("H-"):
             i, _, text = line.rstrip("\n").split("\t")
             hyps[int(i[2:])] = text
-        m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s", line)
-        if m:
-            n, secs = int(m.group(1).replace(",", "")), float(m.group(2))
+        m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s", line)
+        if m:  # the rate has more digits than the rounded seconds
+            n, secs, rate = int(m.group(1).replace(",", "")), float(m.group(2)), float(m.group(3))
     if secs is None:
         sys.exit(f"experiments.py: {path} has no 'Translated N sentences' line (decoding failed?)")
-    return hyps, 1000.0 * secs / n
+    return hyps, (1000.0 / rate if rate > 0 else 1000.0 * secs / n)
 
 
 def score(path, refs_path, lang):
