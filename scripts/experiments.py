@@ -3,7 +3,7 @@
 
     python scripts/experiments.py table1 --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--max-update 1000]
     python scripts/experiments.py ablations --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--only K1024 m1 ...]
-    python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300]
+    python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300] [--reseed]
     python scripts/experiments.py report --work DIR          # tables (markdown) from what has run so far
 
 ``BIN`` comes from ``scripts/prepare-data.sh``/``prepare-multi30k.sh`` (``RAW`` is its raw directory, holding the
@@ -127,8 +127,12 @@ def ablation_runs(only=None):
     return [lt_run("em", distilled=True, **ABLATIONS[k]) for k in keys]
 
 
-def robustness_runs(seeds):
-    return [lt_run(b, seed=s, reseed=False) for b in ("vq", "em") for s in seeds]
+def robustness_runs(seeds, reseed=False):
+    runs = [lt_run(b, seed=s, reseed=reseed) for b in ("vq", "em") for s in seeds]
+    if reseed:  # never the Table-1 runs of the same settings (other budget, log interval)
+        for r in runs:
+            r.name += "-fig3"
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,7 +309,7 @@ def report(args):
     print("\n".join(out))
 
 
-def plot_robustness(args):
+def plot_robustness(args, reseed=False):
     """Figure 3 analog: code perplexity and fraction of codes used over updates, hard vs soft EM, each seed."""
     import logging
 
@@ -317,7 +321,7 @@ def plot_robustness(args):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     summary = []
-    for run in robustness_runs(args.seeds):
+    for run in robustness_runs(args.seeds, reseed):
         log = os.path.join(args.work, run.name, "train.log")
         if not os.path.exists(log):
             continue
@@ -331,19 +335,22 @@ def plot_robustness(args):
                 ppl.append(float(d["code_ppl"]))
                 used.append(float(d["codes_used"]))
         hard = "-vq-" in run.name
+        seed = re.search(r"-s(\d+)", run.name).group(1)
         style = dict(color="tab:red" if hard else "tab:blue", ls="-" if hard else "--", alpha=0.8,
-                     label=("hard EM (vq)" if hard else "soft EM (em, m=10)") + f", seed {run.name[-1]}")
+                     label=("hard EM (vq)" if hard else "soft EM (em, m=10)") + f", seed {seed}")
         axes[0].plot(xs, ppl, **style)
         axes[1].plot(xs, used, **style)
         if xs:
             summary.append((run.name, xs[-1], ppl[-1], used[-1], max(ppl)))
     if not summary:
         sys.exit("experiments.py: no robustness runs found under " + args.work)
-    axes[0].set(xlabel="update", ylabel="code perplexity", yscale="log", title="code perplexity (of K=512)")
+    variant = "dead-code re-seeding 0.1" if reseed else "no re-seeding"
+    axes[0].set(xlabel="update", ylabel="code perplexity", yscale="log",
+                title=f"code perplexity (of K=512), EMA decay 0.99, {variant}")
     axes[1].set(xlabel="update", ylabel="fraction of codes used per batch", title="codes used")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    png = os.path.join(args.work, "robustness.png")
+    png = os.path.join(args.work, "robustness-reseed.png" if reseed else "robustness.png")
     fig.savefig(png, dpi=120)
     print(f"experiments.py: wrote {png}")
     print("| run | last update | code ppl (last) | codes used (last) | max code ppl |\n|---|---|---|---|---|")
@@ -365,12 +372,16 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", help="table1: run names; ablations: keys such as K1024 m1 nc4")
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     p.add_argument("--no-decode", action="store_true", help="train only")
+    p.add_argument("--reseed", action="store_true",
+                   help="robustness: with dead-code re-seeding (threshold 0.1), as the table's runs; default off")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     if args.what == "report":
         report(args)
-        if any(os.path.exists(os.path.join(args.work, r.name, "train.log")) for r in robustness_runs(args.seeds)):
-            plot_robustness(args)
+        for reseed in (False, True):
+            if any(os.path.exists(os.path.join(args.work, r.name, "train.log"))
+                   for r in robustness_runs(args.seeds, reseed)):
+                plot_robustness(args, reseed)
         return
     if not args.data or not args.raw:
         sys.exit("experiments.py: --data and --raw are required")
@@ -387,8 +398,8 @@ def main(argv=None):
         execute(ablation_runs(args.only), args, "ablations")
     else:
         args.no_decode = True
-        execute(robustness_runs(args.seeds), args, "robustness")
-        plot_robustness(args)
+        execute(robustness_runs(args.seeds, args.reseed), args, "robustness")
+        plot_robustness(args, args.reseed)
 
 
 if __name__ == "__main__":
