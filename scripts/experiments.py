@@ -286,7 +286,9 @@ def read_results(work):
 def report(args):
     rows = read_results(args.work)
     out = []
-    t1 = [r for r in rows if r["table"] == "table1"]
+    order = [label for run in table1_runs(args.work) for label in run.decodes]
+    t1 = sorted((r for r in rows if r["table"] == "table1"),
+                key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
     if t1:
         greedy = next((r for r in t1 if r["label"] == "AR transformer, greedy"), None)
         beam = next((r for r in t1 if r["label"] == "AR transformer, beam 4"), None)
