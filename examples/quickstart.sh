@@ -50,25 +50,15 @@ for bs in 64 1; do
   fairseq-generate "$data/bin" --user-dir vq_nat --task latent_translation --path "$ckpt" --gen-subset test \
     --batch-size "$bs" --remove-bpe --cpu --num-workers 0 --max-len-a 1.2 --max-len-b 10 > "$work/gen.b$bs.txt" 2>&1
 done
-python - "$work" "$data" <<'PY'
-import re, sys
-from sacrebleu.metrics import BLEU
-from sacremoses import MosesDetokenizer
+python - "$work" "$data" "$root/scripts" <<'PY'
+import sys
 work, data = sys.argv[1], sys.argv[2]
-md = MosesDetokenizer(lang="de")
-hyp = {}
-for line in open(f"{work}/gen.b64.txt", encoding="utf-8"):
-    if line.startswith("H-"):
-        i, _, text = line.rstrip("\n").split("\t")
-        hyp[int(i[2:])] = md.detokenize(text.split())
-refs = [l.rstrip("\n") for l in open(f"{data}/raw/test.de", encoding="utf-8")]
-assert len(hyp) == len(refs), f"{len(hyp)} hypotheses for {len(refs)} references"
-bleu = BLEU()
-score = bleu.corpus_score([hyp[i] for i in range(len(refs))], [refs])
-print(f"quickstart: test2016 sacreBLEU (detokenized, cased) = {score.score:.2f}  [{bleu.get_signature()}]")
+sys.path.insert(0, sys.argv[3])
+from experiments import read_generate, score  # the scoring of scripts/experiments.py (sacremoses + sacreBLEU)
+
+bleu, signature = score(f"{work}/gen.b64.txt", f"{data}/raw/test.de", "de")
+print(f"quickstart: test2016 sacreBLEU (detokenized, cased) = {bleu:.2f}  [{signature}]")
 for bs in (64, 1):
-    log = open(f"{work}/gen.b{bs}.txt").read()
-    m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s", log)
-    n, secs = int(m.group(1).replace(",", "")), float(m.group(2))
-    print(f"quickstart: batch {bs}: {1000 * secs / n:.1f} ms/sentence ({n} sentences in {secs:.1f}s)")
+    hyps, ms = read_generate(f"{work}/gen.b{bs}.txt")
+    print(f"quickstart: batch {bs}: {ms:.1f} ms/sentence ({len(hyps)} sentences)")
 PY

@@ -6,7 +6,8 @@
 #   bash scripts/distill.sh DATA_BIN TEACHER.pt OUT_BIN [--beam 4] [--batch-size 128]
 #
 # DATA_BIN is a fairseq-preprocess directory with a joined dictionary (scripts/prepare-data.sh). OUT_BIN gets
-# the distilled train split plus copies/links of the valid and test splits and the dictionaries.
+# the distilled train split plus copies/links of the valid and test splits and the dictionaries. Resumable: a
+# finished decoding (OUT_BIN/text/train.gen) is reused when the script runs again.
 set -euo pipefail
 die() { echo "distill.sh: error: $*" >&2; exit 1; }
 [ $# -ge 3 ] || die "usage: distill.sh DATA_BIN TEACHER.pt OUT_BIN [--beam 4] [--batch-size 128]"
@@ -26,9 +27,14 @@ tgt=$(ls "$data"/train.*-*.*.idx 2>/dev/null | head -1 | sed -E 's/.*train\.([^-
 user_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/vq_nat"
 mkdir -p "$out/text"
 
-echo "distill.sh: beam-$beam decoding of the training set ($src -> $tgt)"
-fairseq-generate "$data" --user-dir "$user_dir" --path "$teacher" --gen-subset train --beam "$beam" \
-  --batch-size "$bsz" --num-workers 0 --required-batch-size-multiple 1 > "$out/text/train.gen"
+if [ -s "$out/text/train.gen" ]; then  # resumable: a finished decoding (written atomically) is kept
+  echo "distill.sh: reusing $out/text/train.gen (delete it to decode again)"
+else
+  echo "distill.sh: beam-$beam decoding of the training set ($src -> $tgt)"
+  fairseq-generate "$data" --user-dir "$user_dir" --path "$teacher" --gen-subset train --beam "$beam" \
+    --batch-size "$bsz" --num-workers 0 --required-batch-size-multiple 1 > "$out/text/train.gen.tmp"
+  mv "$out/text/train.gen.tmp" "$out/text/train.gen"
+fi
 python - "$out/text" "$data" "$src" "$tgt" <<'PY'
 import sys
 from fairseq.data import Dictionary, data_utils

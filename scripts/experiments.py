@@ -170,26 +170,25 @@ def train(run, args, data):
            "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--save-dir", save,
            "--save-interval-updates", "500", "--keep-interval-updates", "1",
            "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log")]
-    import time
-
-    start = time.time()
     sh(cmd, log=os.path.join(save, "stdout.log"))
-    with open(os.path.join(save, "train_seconds.txt"), "a") as f:
-        f.write(f"{time.time() - start:.1f}\n")
     return ckpt
 
 
 def train_seconds(run_dir):
-    """fairseq's own elapsed-time meter ("wall", kept across resumes) at the last logged update; else the
-    summed wall-clock time of the training commands run here (train_seconds.txt)."""
-    wall = None
+    """Seconds spent in training steps: the sum of fairseq's per-log-interval ``train_wall`` in train.log, one
+    value per logged update number (so a resumed run counts redone updates once and validation and checkpoint
+    saving are not counted). For a checkpoint trained elsewhere and copied into the run directory, a
+    ``train_seconds.txt`` holding its seconds is read instead."""
+    per_update = {}
     log = os.path.join(run_dir, "train.log")
     if os.path.exists(log):
         for line in open(log):
-            if line.startswith('{"') and '"wall"' in line:
-                wall = float(json.loads(line)["wall"])
-    if wall is not None:
-        return wall
+            if line.startswith('{"') and '"train_wall"' in line:
+                d = json.loads(line)
+                if "num_updates" in d:  # train_inner lines (epoch summaries have prefixed keys)
+                    per_update[int(d["num_updates"])] = float(d["train_wall"])
+    if per_update:
+        return sum(per_update.values())
     path = os.path.join(run_dir, "train_seconds.txt")
     return sum(float(x) for x in open(path).read().split()) if os.path.exists(path) else None
 
@@ -297,7 +296,8 @@ def report(args):
         for r in t1:
             sp = lambda ref: (f"{ref['ms_b1'] / r['ms_b1']:.2f}× / {ref['ms_b64'] / r['ms_b64']:.2f}×"
                               if ref else "n/a")
-            t = f"{r['train_seconds'] / 60:.0f} min" if r.get("train_seconds") else "?"
+            secs = train_seconds(os.path.join(args.work, r["run"])) or r.get("train_seconds")
+            t = f"{secs / 60:.0f} min" if secs else "?"
             out.append(f"| {r['label']} | {r['updates']} ({t}) | {r['bleu']:.2f} | {r['ms_b1']:.2f} | "
                        f"{r['ms_b64']:.2f} | {sp(greedy)} | {sp(beam)} |")
         out.append(f"\nsacreBLEU signature: {t1[0]['signature']}\n")

@@ -78,6 +78,8 @@ def test_teacher_and_distillation(prepared):
     for f in ("train.en-de.en.bin", "train.en-de.de.bin", "valid.en-de.de.bin", "test.en-de.en.idx", "dict.de.txt"):
         assert os.path.exists(os.path.join(distilled, f)), f
     assert sum(1 for _ in open(os.path.join(distilled, "text", "train.de"))) == 60
+    p = run("scripts/distill.sh", data_bin, ckpt, distilled)  # resumable: the finished decoding is reused
+    assert "reusing" in p.stdout and "60 distilled pairs" in p.stdout
     p = run("scripts/distill.sh", data_bin, str(root / "missing.pt"), distilled, check=False)
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
 

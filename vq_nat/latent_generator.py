@@ -64,11 +64,11 @@ class LatentGenerator:
         tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
             encoder_out, int(limits.max()), latent_budget=budget, sample=sample_rows, token_budget=limits
         )
-        latent_len = (~latent_pad).sum(1)
+        latent_len = (~latent_pad).sum(1).tolist()
+        spans = tokens.ne(self.pad).sum(1).tolist()  # the decoder fills each span (latents x 2^nc, <= limit)
         hypos = []
         for i in range(tokens.size(0)):
-            span = min(int(latent_len[i]) * factor, int(limits[i]))
-            toks, pos_scores = tokens[i, :span], scores[i, :span]
+            toks, pos_scores = tokens[i, : spans[i]], scores[i, : spans[i]]
             eos_at = (toks == self.eos).nonzero()
             if len(eos_at) > 0:
                 end = int(eos_at[0]) + 1
@@ -83,7 +83,7 @@ class LatentGenerator:
                     "positional_scores": pos_scores,
                     "alignment": None,
                     "attention": None,
-                    "latents": codes[i, : int(latent_len[i])],
+                    "latents": codes[i, : latent_len[i]],
                     "latent_score": latent_scores[i],
                 }
             )
@@ -118,4 +118,3 @@ class LatentGenerator:
         lprobs = teacher.get_normalized_probs(net_output, log_probs=True).float()
         token_lp = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(self.pad), 0.0)
         return token_lp.sum(1) / lengths
-        return hypos

@@ -244,7 +244,8 @@ class LatentDecoder(FairseqDecoder):
 
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
                masking: float = 1.0, features_only: bool = False) -> Tensor:
-        """Latents (B, L, H) -> token logits (B, L * 2^nc, V) in one parallel pass.
+        """Latents (B, L, H) -> token logits (B, L * 2^nc, V) in one parallel pass (``features_only``: the
+        decoder states (B, L * 2^nc, H) before the output projection).
 
         Each decompressed position is replaced by the gold target embedding with probability 1 - masking
         (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder."""

@@ -5,6 +5,7 @@ Unlike fairseq's ``translation_lev`` it keeps ``FairseqTask.train_step``, which 
 ``model.set_num_updates(update_num)``: the warm-up schedules see the absolute update number (also after a
 resume, since fairseq seeds every update with seed + num_updates, the noise and soft-EM samples replay too).
 """
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -67,8 +68,6 @@ class LatentTranslationTask(TranslationTask):
         )
 
     def load_npd_teacher(self, path, models):
-        import os
-
         from fairseq import checkpoint_utils
 
         if not os.path.isfile(path):
