@@ -21,13 +21,14 @@ logger = logging.getLogger(__name__)
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None):
+                 npd_teacher=None, fused: bool = True):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if npd_candidates > 1 and npd_teacher is None:
             raise ValueError("noisy parallel decoding (--npd-candidates > 1) needs --npd-teacher PATH: an "
                              "autoregressive fairseq model with the same dictionaries that rescores the candidates")
         self.npd_candidates = npd_candidates
+        self.fused = fused  # fused_inference: same results as fairseq's layer code, fewer ops
         self.teacher = npd_teacher
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
@@ -49,7 +50,7 @@ class LatentGenerator:
             raise ValueError("the latent transformer decodes in parallel: --prefix-size is not supported")
         net_input = sample["net_input"]
         src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
-        encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
+        encoder_out = model.encode_source(src_tokens, src_lengths, fused=self.fused)
         # per-sentence length budget (a * |x| + b), capped by the model; the latent loop runs to the batch max
         limits = (self.max_len_a * src_lengths.float() + self.max_len_b).long().clamp(min=1)
         limits = limits.clamp(max=model.decoder.max_positions())
@@ -62,7 +63,8 @@ class LatentGenerator:
         factor = model.decoder.factor
         budget = (limits + factor - 1) // factor
         tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
-            encoder_out, int(limits.max()), latent_budget=budget, sample=sample_rows, token_budget=limits
+            encoder_out, int(limits.max()), latent_budget=budget, sample=sample_rows, token_budget=limits,
+            fused=self.fused,
         )
         latent_len = (~latent_pad).sum(1).tolist()
         spans = tokens.ne(self.pad).sum(1).tolist()  # the decoder fills each span (latents x 2^nc, <= limit)

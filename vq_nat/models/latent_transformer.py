@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
+from . import fused_inference
 from .latent_predictor import LatentPredictor, _unpack, causal_mask
 
 BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
@@ -158,6 +159,13 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
 
+    def encode_source(self, src_tokens, src_lengths, fused: bool = True):
+        """The source encoder's output (fairseq's dict); at inference through ``fused_inference`` where it applies
+        (same result, fewer ops)."""
+        if fused and fused_inference.usable(self.encoder, self.encoder.layers, cross=False):
+            return fused_inference.encode(self.encoder, src_tokens, src_lengths)
+        return self.encoder(src_tokens, src_lengths=src_lengths)
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         try:
             return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
@@ -243,7 +251,7 @@ class LatentDecoder(FairseqDecoder):
         return z_e, latent_pad
 
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
-               masking: float = 1.0, features_only: bool = False) -> Tensor:
+               masking: float = 1.0, features_only: bool = False, fused: bool = True) -> Tensor:
         """Latents (B, L, H) -> token logits (B, L * 2^nc, V) in one parallel pass (``features_only``: the
         decoder states (B, L * 2^nc, H) before the output projection).
 
@@ -256,11 +264,14 @@ class LatentDecoder(FairseqDecoder):
         x = torch.cat([d.new_zeros(d.size(0), 1, d.size(2)), d[:, :-1]], dim=1)  # shift right
         x = self.dropout(x + self.positions[: x.size(1)].to(x.dtype).unsqueeze(0))
         enc, enc_mask = _unpack(encoder_out)
-        x = x.transpose(0, 1)
-        mask = causal_mask(x.size(0), x.device)
-        for layer in self.layers:
-            x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
-        x = x.transpose(0, 1)
+        if fused and fused_inference.usable(self, self.layers, cross=True):
+            x = fused_inference.FusedDecoder(self.layers, enc, enc_mask).forward(x, pad)
+        else:
+            x = x.transpose(0, 1)
+            mask = causal_mask(x.size(0), x.device)
+            for layer in self.layers:
+                x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
+            x = x.transpose(0, 1)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return x if features_only else self.output_layer(x)
@@ -307,7 +318,7 @@ class LatentDecoder(FairseqDecoder):
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
-                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None):
+                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None, fused: bool = True):
         """Predict the latents autoregressively (greedy, cached, early stop at END; rows flagged in ``sample``
         draw their codes instead), then decode all target positions in one parallel pass.
 
@@ -315,19 +326,21 @@ class LatentDecoder(FairseqDecoder):
         output projection and softmax, packed across the batch: the padded remainder of the batch's longest
         latent sequence is never projected onto the vocabulary.
 
+        ``fused``: the latent predictor and decoder layers run through ``fused_inference`` where it applies.
+
         Returns token ids (B, T) (pad past each span), a per-position log-prob (B, T), the latent padding mask
         (B, L), the codes and the latent log-probabilities (B,)."""
         enc, _ = _unpack(encoder_out)
         max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
                                  self.latent_predictor.positions.size(0) - 2))
         codes, latent_pad, latent_scores = self.latent_predictor.generate(
-            encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample
+            encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample, fused=fused
         )
         if latent_budget is not None:  # per-sentence budgets, applied before decoding (batching invariance)
             positions = torch.arange(latent_pad.size(1), device=latent_pad.device).unsqueeze(0)
             latent_pad = latent_pad | (positions >= latent_budget.unsqueeze(1))
         latents = self.bottleneck.embed_codes(codes).to(enc.dtype)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=fused)
         span = (~latent_pad).sum(1) * self.factor
         if token_budget is not None:
             span = torch.minimum(span, token_budget)

@@ -35,6 +35,31 @@ def upsample_mask(padding_mask: Optional[torch.Tensor], steps: int) -> Optional[
     return padding_mask.repeat_interleave(1 << steps, dim=1)
 
 
+# below this many (batch x length) positions a convolution is cheaper as one GEMM over unfolded windows
+_SMALL_CONV = 64
+
+
+def conv_btc(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv`` applied to batch-first ``x`` (B, T, C_in) -> (B, T', C_out), without transposed copies.
+
+    The same result as ``conv(x.transpose(1, 2)).transpose(1, 2)``. Large inputs run as a 2-D convolution in
+    channels-last layout, whose (B, C, 1, T) view of ``x`` is ``x`` itself and whose output is (B, T', C)
+    contiguous (measured on CPU: half the time of Conv1d forward + backward with the two transposes, which
+    copy); small inputs (decoding one sentence) as one matrix product over the unfolded windows, which
+    avoids the convolution's fixed cost.
+    """
+    (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+    if conv.dilation != (1,) or conv.groups != 1 or conv.padding_mode != "zeros":
+        return conv(x.transpose(1, 2)).transpose(1, 2)
+    b, t, c = x.shape
+    if b * t <= _SMALL_CONV:
+        windows = F.pad(x, (0, 0, p, p)).unfold(1, k, s)  # (B, T', C_in, k): index c * k + j as the weight's
+        return F.linear(windows.flatten(2), conv.weight.flatten(1), conv.bias)
+    weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
+    out = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), weight, conv.bias, stride=(1, s), padding=(0, p))
+    return out.permute(0, 2, 3, 1).flatten(1, 2)  # (B, 1, T', C_out) -> (B, T', C_out)
+
+
 class ResidualConvBlock(nn.Module):
     """t2t ``residual_conv``: x + Dropout([ReLU -> Conv(k) -> LayerNorm] x 3 applied to LayerNorm(x))."""
 
@@ -50,8 +75,7 @@ class ResidualConvBlock(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = _zero_pad(self.norm(x), padding_mask)
         for conv, norm in zip(self.convs, self.norms):
-            y = conv(F.relu(y).transpose(1, 2)).transpose(1, 2)
-            y = _zero_pad(norm(y), padding_mask)
+            y = _zero_pad(norm(conv_btc(F.relu(y), conv)), padding_mask)
         return _zero_pad(x + self.dropout(y), padding_mask)
 
 
@@ -81,7 +105,7 @@ class Compressor(nn.Module):
         for i, (conv, norm) in enumerate(zip(self.strided, self.norms)):
             padding_mask = downsample_mask(padding_mask, 1)
             # ReLU -> Conv(kernel 2, stride 2, no bias) -> LayerNorm, as t2t ``conv_block``
-            x = _zero_pad(norm(conv(F.relu(x).transpose(1, 2)).transpose(1, 2)), padding_mask)
+            x = _zero_pad(norm(conv_btc(F.relu(x), conv)), padding_mask)
         return x, padding_mask
 
 

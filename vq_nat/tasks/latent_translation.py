@@ -31,6 +31,10 @@ class LatentTranslationConfig(TranslationConfig):
         default=1, metadata={"help": "noisy parallel decoding: decode k latent sequences per sentence (greedy + "
                                      "k-1 sampled) in one parallel pass and keep the one --npd-teacher scores best"}
     )
+    no_fused_inference: bool = field(
+        default=False, metadata={"help": "decode through fairseq's own layer code instead of the fused inference "
+                                         "path (vq_nat/models/fused_inference.py; same results, slower)"}
+    )
     npd_teacher: str = field(
         default="", metadata={"help": "autoregressive fairseq checkpoint (same dictionaries) that rescores the "
                                       "--npd-candidates candidates in one teacher-forced pass"}
@@ -65,6 +69,7 @@ class LatentTranslationTask(TranslationTask):
             max_len_b=getattr(args, "max_len_b", 200),
             npd_candidates=self.cfg.npd_candidates,
             npd_teacher=teacher,
+            fused=not self.cfg.no_fused_inference,
         )
 
     def load_npd_teacher(self, path, models):
