@@ -43,6 +43,32 @@ def test_hard_assignment_is_nearest_code_eq1():
 
 
 @pytest.mark.parametrize("blocks", [1, 2])
+def test_e_step_in_row_chunks_is_still_eq1(monkeypatch, blocks):
+    import vq_nat.modules.vector_quantizer as vqm
+
+    monkeypatch.setattr(vqm, "_CHUNK_SCORES", 8 * 3)  # K = 8: chunks of 3 rows, the last one shorter
+    vq = make(num_blocks=blocks).eval()
+    z = torch.randn(4, 5, 4)
+    codes = vq(z).codes
+    d = 4 // blocks
+    for j in range(blocks):
+        want = np_dist(z[..., j * d:(j + 1) * d].reshape(-1, d).numpy(), vq.embed[j].numpy()).argmin(-1)
+        got = codes if blocks == 1 else codes[..., j]
+        np.testing.assert_array_equal(got.reshape(-1).numpy(), want)
+
+
+def test_targets_are_built_on_first_read_and_the_output_unpacks_like_a_tuple():
+    vq = make(assignment="soft", num_samples=4).eval()
+    z = torch.randn(3, 4)
+    out = vq(z)
+    assert callable(out._targets), "nothing N x K is built unless the targets are read"
+    quantized, codes, targets, loss, perplexity, codes_used = out
+    assert torch.equal(quantized, out.quantized) and torch.equal(codes, out.codes) and loss is out.loss
+    torch.testing.assert_close(targets, torch.nn.functional.one_hot(codes, 8).float().mean(-2))
+    assert out.targets is targets and len(out) == 6 and out[1] is out.codes
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
 def test_nearest_codes_is_eq1_and_changes_nothing(blocks):
     vq = make(assignment="soft", num_blocks=blocks).train()  # soft EM: nearest_codes never samples
     before = {k: v.clone() for k, v in vq.state_dict().items()}

@@ -1,10 +1,10 @@
 """The one named output structure shared by every discrete bottleneck in ``vq_nat.modules``."""
-from typing import NamedTuple
+from typing import Callable, Iterator, Union
 
 import torch
 
 
-class QuantizerOutput(NamedTuple):
+class QuantizerOutput:
     """What every bottleneck returns (same call shape: ``out = bottleneck(z_e, padding_mask=None)``).
 
     quantized:  (..., dim) forward value z_q, gradient straight-through to z_e (where the method has one).
@@ -12,16 +12,45 @@ class QuantizerOutput(NamedTuple):
                 quantization); soft EM: (..., m) sampled indices (``(..., num_blocks, m)``).
     targets:    (..., num_codes) float distribution over codes (``(..., num_blocks, num_codes)`` with
                 product quantization): one-hot for hard assignment, average of the m one-hots for soft EM.
-                It is the latent predictor's training target.
+                It is the latent predictor's training target. A bottleneck may pass a function instead of the
+                tensor: it is then built on first access only (an image autoencoder never reads it, and at
+                N positions x K codes it would be the largest tensor of the step).
     loss:       scalar auxiliary loss (commitment, codebook, KL...), mean over non-padding positions.
     perplexity: scalar, exp(entropy) of the code-usage distribution over the non-padding positions of
                 this batch (averaged over blocks).
     codes_used: scalar, fraction of the codes used at least once in this batch (averaged over blocks).
+
+    Unpacks like a tuple in this order: ``quantized, codes, targets, loss, perplexity, codes_used = out``.
     """
 
-    quantized: torch.Tensor
-    codes: torch.Tensor
-    targets: torch.Tensor
-    loss: torch.Tensor
-    perplexity: torch.Tensor
-    codes_used: torch.Tensor
+    _fields = ("quantized", "codes", "targets", "loss", "perplexity", "codes_used")
+    __slots__ = ("quantized", "codes", "_targets", "loss", "perplexity", "codes_used")
+
+    def __init__(self, quantized: torch.Tensor, codes: torch.Tensor,
+                 targets: Union[torch.Tensor, Callable[[], torch.Tensor]], loss: torch.Tensor,
+                 perplexity: torch.Tensor, codes_used: torch.Tensor):
+        self.quantized = quantized
+        self.codes = codes
+        self._targets = targets
+        self.loss = loss
+        self.perplexity = perplexity
+        self.codes_used = codes_used
+
+    @property
+    def targets(self) -> torch.Tensor:
+        if callable(self._targets):
+            self._targets = self._targets()
+        return self._targets
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, name) for name in self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __getitem__(self, i):
+        return tuple(self)[i]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in ("quantized", "codes"))
+        return f"QuantizerOutput({shapes}, loss={float(self.loss):.4g})"
