@@ -124,6 +124,9 @@ class Decompressor(nn.Module):
     def forward(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the decompressed (B, L * 2^nc, H) and its padding mask (None when nothing is padded)."""
+        if padding_mask is not None and not bool(padding_mask.any()):
+            padding_mask = None  # nothing to zero after every layer (decoding one sentence)
         for i, (block, lin, norm) in enumerate(zip(self.residual, self.thicken, self.norms)):
             x = block(x, padding_mask)
             h = x if i == 0 else F.relu(x)  # t2t: no leading ReLU on the first step
