@@ -2,13 +2,15 @@
 """Decoding speed, side by side: the Latent Transformer against an autoregressive fairseq transformer.
 
     python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
-        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu]
+        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu] [--unfused]
 
 Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C A B C ...) over
 ``--repeats`` rounds after one warm-up round, and prints the median (and min-max) ms/sentence per model and batch
 size. The last line is ``speedup batch1=X.XX batch64=Y.YY``: LT against AR greedy (median ratios). Wall-clock
 times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
-(not data loading). Use the same machine and thread count for both, as here.
+(not data loading). Use the same machine and thread count for both, as here. ``--unfused`` adds the LT decoded
+through fairseq's own layer code (``--no-fused-inference``) as one more interleaved runner, which shows what the
+fused inference path buys.
 """
 import argparse
 import statistics
@@ -75,6 +77,7 @@ def main(argv=None):
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--unfused", action="store_true", help="also time the LT through fairseq's layer code")
     args = p.parse_args(argv)
 
     import vq_nat  # noqa: F401  (registers the plugin; fixes for the fairseq build)
@@ -91,6 +94,10 @@ def main(argv=None):
         t.load_dataset(args.gen_subset)
     gen_args = argparse.Namespace(max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     runners = {"LT": (lt_task, lt_task.build_generator(lt_models, gen_args), lt_models)}
+    if args.unfused:
+        unfused = lt_task.build_generator(lt_models, gen_args)
+        unfused.fused = False
+        runners["LT unfused"] = (lt_task, unfused, lt_models)
     for beam in args.ar_beams:
         gen = SequenceGenerator(ar_models, ar_task.target_dictionary, beam_size=beam,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b)

@@ -116,3 +116,20 @@ def test_used_only_in_eval_without_autograd_and_for_supported_layers(tmp_path):
         c = other.decoder.generate(enc, 40, fused=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(c[1], a[1]), "attn_ln must have mattered"
+
+
+def test_best_tokens_in_chunks_equal_one_log_softmax(tmp_path, monkeypatch):
+    import vq_nat.models.latent_transformer as lt
+
+    task, model = _model(tmp_path, [])
+    dec = model.decoder
+    features = torch.randn(37, dec.embed_tokens.embedding_dim)
+    with torch.no_grad():
+        logits = dec.output_layer(features)
+        logits[:, [dec.padding_idx, dec.dictionary.bos()]] = float("-inf")
+        want_scores, want_tokens = torch.log_softmax(logits, -1).max(-1)
+        monkeypatch.setattr(lt, "_CHUNK_LOGITS", 1)  # chunks of 16 rows: 16 + 16 + 5
+        scores, tokens = dec.best_tokens(features)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(scores, want_scores)
+    assert not (tokens == dec.padding_idx).any() and not (tokens == dec.dictionary.bos()).any()

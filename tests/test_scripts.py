@@ -122,6 +122,20 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert "| lt-vq-raw-K512-m10-nc3-s1-noreseed | 3 |" in p.stdout
     assert "| lt-em-raw-K512-m10-nc3-s1-noreseed | 3 |" in p.stdout
 
+    # the speed benchmarks run end to end (their numbers are measured in the README, never asserted here)
+    import re
+
+    lt_ckpt, ar_ckpt = (os.path.join(work, name, "checkpoint_last.pt") for name in (lt, "ar"))
+    p = py("scripts/bench_decode.py", data_bin, "--lt-path", lt_ckpt, "--ar-path", ar_ckpt, "--repeats", "1",
+           "--max-sentences", "4", "--batch-sizes", "1", "4", "--ar-beams", "1", "--unfused", "--cpu")
+    assert re.fullmatch(r"speedup batch1=\d+\.\d\d batch4=\d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
+    assert "ratio batch1: LT unfused / LT" in p.stdout
+    tiny = ("--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
+            "--encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2")
+    p = py("scripts/bench_train.py", data_bin, "--steps", "1", "--repeats", "1", "--max-tokens", "300",
+           "--size-args", tiny)
+    assert re.match(r"ratio words/s LT/AR = \d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
+
     png = str(root / "usage.png")
     p = py("scripts/dump_latents.py", data_bin, "--path", os.path.join(work, lt, "checkpoint_last.pt"),
            "--show", "3", "--png", png, "--cpu")
