@@ -133,3 +133,34 @@ def test_best_tokens_in_chunks_equal_one_log_softmax(tmp_path, monkeypatch):
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(scores, want_scores)
     assert not (tokens == dec.padding_idx).any() and not (tokens == dec.dictionary.bos()).any()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_latent_generate_matches_a_per_sentence_greedy_loop(tmp_path, fused):
+    """Batched generation with early stop equals a plain greedy loop per sentence: codes up to the first END,
+    score = sum of the chosen log-probabilities including END (END forced and scored at the budget)."""
+    task, model = _model(tmp_path, [])
+    lp = model.decoder.latent_predictor
+    with torch.no_grad():
+        lp.output.bias[lp.end] += 1.0  # some sentences stop early, others run into the budget
+        sample = _sample(task)
+        enc = model.encode_source(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"])
+        budget = 4
+        codes, pad, scores = lp.generate(enc, model.decoder.bottleneck.embed_codes, budget, 5, fused=fused)
+        lengths = (~pad).sum(1).tolist()
+        assert len(set(lengths)) > 1, "the batch must mix lengths"
+        for i in range(5):
+            one = model.encoder.reorder_encoder_out(enc, torch.tensor([i]))
+            state, prev, want, total = {}, lp.start.expand(1, -1), [], 0.0
+            for t in range(budget + 1):
+                lprobs = torch.log_softmax(lp.step(prev, t, one, state).float(), -1)[0, 0]
+                if t == 0:
+                    lprobs[lp.end] = float("-inf")
+                k = lp.end if t == budget else int(lprobs.argmax())
+                total += float(lprobs[k])
+                if k == lp.end:
+                    break
+                want.append(k)
+                prev = model.decoder.bottleneck.embed_codes(torch.tensor([k]))
+            assert codes[i, : lengths[i]].tolist() == want
+            assert scores[i].item() == pytest.approx(total, abs=1e-4)

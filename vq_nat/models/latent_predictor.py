@@ -99,10 +99,8 @@ class LatentPredictor(nn.Module):
             enc, enc_mask = _unpack(encoder_out)
             stack = fused_inference.FusedDecoder(self.layers, enc, enc_mask, max_len=max_latents + 1)
         prev = self.start.expand(batch_size, -1)
-        lengths = torch.full((batch_size,), max_latents, dtype=torch.long, device=device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        scores = torch.zeros(batch_size, device=device)
-        codes = []
+        picked, picked_lp = [], []  # per step: (B, num_blocks) symbols and their log-probabilities
         for t in range(max_latents + 1):
             if stack is not None:
                 logits = self._logits(stack.step(self._embed(prev.unsqueeze(1), offset=t), t))[:, 0]
@@ -111,8 +109,9 @@ class LatentPredictor(nn.Module):
             lprobs = F.log_softmax(logits.float(), dim=-1)
             if t == 0:
                 lprobs[:, :, self.end] = float("-inf")  # every target has >= 1 token, so >= 1 latent
-            if t == max_latents:
-                scores += torch.where(finished, 0.0, lprobs[:, 0, self.end])
+            if t == max_latents:  # out of budget: END is forced, and scored (block 0 holds END)
+                picked.append(torch.full((batch_size, self.num_blocks), self.end, dtype=torch.long, device=device))
+                picked_lp.append(F.pad(lprobs[:, :1, self.end], (0, self.num_blocks - 1)))
                 break
             best, idx = lprobs.max(-1)  # (B, num_blocks)
             if sample is not None:
@@ -121,16 +120,21 @@ class LatentPredictor(nn.Module):
                 ).view_as(idx)
                 idx = torch.where(sample.unsqueeze(1), drawn, idx)
                 best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-            ends = (idx[:, 0] == self.end) & ~finished
-            lengths = torch.where(ends, torch.full_like(lengths, t), lengths)
-            scores += torch.where(finished, 0.0, best.sum(-1))
-            finished |= ends
+            picked.append(idx)
+            picked_lp.append(best)
+            finished |= idx[:, 0] == self.end
             if bool(finished.all()):
                 break
-            code = idx.clamp(max=self.num_codes - 1)
-            codes.append(code)
-            prev = embed_codes(code if self.num_blocks > 1 else code[:, 0]).to(prev.dtype)
-        codes = torch.stack(codes, dim=1) if codes else torch.zeros(batch_size, 1, self.num_blocks, dtype=torch.long, device=device)
+            prev = embed_codes(idx.clamp(max=self.num_codes - 1) if self.num_blocks > 1
+                               else idx[:, 0].clamp(max=self.num_codes - 1)).to(prev.dtype)
+        # each sentence's latents end at its first END: length = its position, score = sum up to and with it
+        symbols = torch.stack(picked, dim=1)  # (B, T, num_blocks)
+        is_end = symbols[:, :, 0] == self.end
+        lengths = is_end.int().argmax(1)  # every row has an END (forced at max_latents)
+        steps = torch.arange(symbols.size(1), device=device).unsqueeze(0)
+        scores = torch.stack(picked_lp, dim=1).sum(-1).masked_fill(steps > lengths.unsqueeze(1), 0.0).sum(1)
+        codes = symbols[:, :-1].clamp(max=self.num_codes - 1) if symbols.size(1) > 1 else \
+            torch.zeros(batch_size, 1, self.num_blocks, dtype=torch.long, device=device)
         if self.num_blocks == 1:
             codes = codes[..., 0]
         padding_mask = torch.arange(codes.size(1), device=device).unsqueeze(0) >= lengths.unsqueeze(1)
