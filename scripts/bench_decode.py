@@ -31,6 +31,9 @@ def load(path, data):
 
 
 def batches(task, subset, batch_size, max_sentences, models):
+    """Batches of about ``max_sentences`` sentences in all, evenly spaced over fairseq's length-sorted batch
+    order, so that short and long sentences are represented as in the whole split (the first batches would hold
+    only the shortest sentences)."""
     from fairseq import utils
 
     ds = task.dataset(subset)
@@ -39,13 +42,10 @@ def batches(task, subset, batch_size, max_sentences, models):
         max_positions=utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models]),
         ignore_invalid_inputs=True, disable_iterator_cache=True,  # fairseq caches one iterator per dataset
     ).next_epoch_itr(shuffle=False)
-    out, n = [], 0
-    for sample in itr:
-        if n >= max_sentences:
-            break
-        out.append(sample)
-        n += sample["nsentences"]
-    return out, n
+    every = list(itr)
+    want = max(1, min(len(every), round(max_sentences / batch_size)))
+    out = [every[(i * len(every)) // want] for i in range(want)]
+    return out, sum(sample["nsentences"] for sample in out)
 
 
 def time_generation(task, generator, models, samples, device):
@@ -71,7 +71,8 @@ def main(argv=None):
     p.add_argument("--gen-subset", default="test")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--max-sentences", type=int, default=200, help="sentences decoded per model and round")
+    p.add_argument("--max-sentences", type=int, default=200,
+                   help="about this many sentences per model and round, in batches evenly spaced over the split")
     p.add_argument("--ar-beams", type=int, nargs="+", default=[1, 4])
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)

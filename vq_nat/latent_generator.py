@@ -45,7 +45,8 @@ class LatentGenerator:
         if len(models) > 1:
             logger.warning("LatentGenerator decodes with the first model only (no ensembling)")
         model = models[0]
-        model.eval()
+        if model.training:  # fairseq-generate/-interactive already did this; eval() walks every module (1.7 ms)
+            model.eval()
         if kwargs.get("prefix_tokens") is not None:
             raise ValueError("the latent transformer decodes in parallel: --prefix-size is not supported")
         net_input = sample["net_input"]
