@@ -99,6 +99,22 @@ def test_reconstruction_loss_projects_only_real_tokens_yet_equals_the_padded_com
     torch.testing.assert_close(log["nll_loss"], nll.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_decoding_fewer_positions_changes_none_of_them(built):
+    """The decoder is causal: decoding only the first T positions (the batch's longest target) gives exactly
+    the first T positions of the full L * 2^nc decoding, with gradients (training) as without fusion."""
+    task, model, _ = built
+    model.train()  # dropout 0 in this fixture: deterministic, autograd on, fairseq's layer code
+    dec = model.decoder
+    sample = make_sample(task, [4, 11, 6], seed=5)
+    enc = model.encoder(**sample["net_input"])
+    latents = torch.randn(3, 2, dec.embed_tokens.embedding_dim)
+    latent_pad = torch.tensor([[False, True], [False, False], [False, True]])
+    full = dec.decode(latents, latent_pad, enc, features_only=True)
+    short = dec.decode(latents, latent_pad, enc, features_only=True, length=12)
+    assert full.shape[1] == 16 and short.shape[1] == 12
+    torch.testing.assert_close(short, full[:, :12], rtol=1e-5, atol=1e-5)
+
+
 def test_autoencoder_and_decoder_are_batching_invariant(built):
     task, model, criterion = built
     model.eval()

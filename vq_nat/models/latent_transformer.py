@@ -253,17 +253,23 @@ class LatentDecoder(FairseqDecoder):
         return z_e, latent_pad
 
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
-               masking: float = 1.0, features_only: bool = False, fused: bool = True) -> Tensor:
-        """Latents (B, L, H) -> token logits (B, L * 2^nc, V) in one parallel pass (``features_only``: the
-        decoder states (B, L * 2^nc, H) before the output projection).
+               masking: float = 1.0, features_only: bool = False, fused: bool = True,
+               length: Optional[int] = None) -> Tensor:
+        """Latents (B, L, H) -> token logits (B, T, V) in one parallel pass, T = L * 2^nc or ``length`` if
+        smaller (``features_only``: the decoder states (B, T, H) before the output projection).
 
         Each decompressed position is replaced by the gold target embedding with probability 1 - masking
-        (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder."""
+        (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder. The decoder is causal,
+        so positions past ``length`` (the batch's longest target, or the decoding budget) would not change the
+        earlier ones: they are not computed."""
         d, pad = self.decompressor(latents.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad)
         if gold is not None and masking < 1.0:
             use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
             d = torch.where(use_gold.unsqueeze(-1), self.embed(gold).to(d.dtype), d)
         x = torch.cat([d.new_zeros(d.size(0), 1, d.size(2)), d[:, :-1]], dim=1)  # shift right
+        if length is not None and length < x.size(1):
+            x = x[:, :length]
+            pad = None if pad is None else pad[:, :length]
         x = self.dropout(x + self.positions[: x.size(1)].to(x.dtype).unsqueeze(0))
         enc, enc_mask = _unpack(encoder_out)
         if fused and fused_inference.usable(self, self.layers, cross=True):
@@ -290,7 +296,7 @@ class LatentDecoder(FairseqDecoder):
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
         features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking(),
-                               features_only=True)
+                               features_only=True, length=target.size(1))
         lp_logits = self.latent_predictor(
             q.quantized.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad, encoder_out
         )
@@ -342,10 +348,11 @@ class LatentDecoder(FairseqDecoder):
             positions = torch.arange(latent_pad.size(1), device=latent_pad.device).unsqueeze(0)
             latent_pad = latent_pad | (positions >= latent_budget.unsqueeze(1))
         latents = self.bottleneck.embed_codes(codes).to(enc.dtype)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=fused)
         span = (~latent_pad).sum(1) * self.factor
         if token_budget is not None:
             span = torch.minimum(span, token_budget)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=fused,
+                               length=int(span.max()))
         used = torch.arange(features.size(1), device=span.device).unsqueeze(0) < span.unsqueeze(1)
         best, best_tokens = self.best_tokens(features[used])
         tokens = torch.full(used.shape, self.padding_idx, dtype=torch.long, device=features.device)
