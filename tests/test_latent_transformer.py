@@ -99,6 +99,25 @@ def test_reconstruction_loss_projects_only_real_tokens_yet_equals_the_padded_com
     torch.testing.assert_close(log["nll_loss"], nll.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_softmax_nll_value_and_gradient_equal_log_softmax_then_nll():
+    from vq_nat.criterions.latent_vq import SoftmaxNLL
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(9, 13)).requires_grad_()
+    target = torch.randint(0, 13, (9,))
+    ours = SoftmaxNLL.apply(logits, target)
+    (2.5 * ours).backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    ref = torch.nn.functional.nll_loss(torch.log_softmax(logits, -1), target, reduction="sum")
+    (2.5 * ref).backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad, logits.grad)
+    # by hand: d/dlogits = 2.5 * (softmax - onehot)
+    want = 2.5 * (torch.softmax(logits.detach(), -1) - torch.nn.functional.one_hot(target, 13))
+    torch.testing.assert_close(grad, want)
+
+
 def test_decoding_fewer_positions_changes_none_of_them(built):
     """The decoder is causal: decoding only the first T positions (the batch's longest target) gives exactly
     the first T positions of the full L * 2^nc decoding, with gradients (training) as without fusion."""
