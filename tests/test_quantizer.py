@@ -62,6 +62,8 @@ def test_targets_are_built_on_first_read_and_the_output_unpacks_like_a_tuple():
     z = torch.randn(3, 4)
     out = vq(z)
     assert callable(out._targets), "nothing N x K is built unless the targets are read"
+    assert out[0] is out.quantized and out[3:5] == (out.loss, out.perplexity)
+    assert callable(out._targets), "indexing other fields does not build them either"
     quantized, codes, targets, loss, perplexity, codes_used = out
     assert torch.equal(quantized, out.quantized) and torch.equal(codes, out.codes) and loss is out.loss
     torch.testing.assert_close(targets, torch.nn.functional.one_hot(codes, 8).float().mean(-2))

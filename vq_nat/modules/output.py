@@ -49,7 +49,9 @@ class QuantizerOutput:
         return len(self._fields)
 
     def __getitem__(self, i):
-        return tuple(self)[i]
+        if isinstance(i, slice):
+            return tuple(getattr(self, name) for name in self._fields[i])
+        return getattr(self, self._fields[i])  # reads (and builds) the targets only for index 2
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in ("quantized", "codes"))

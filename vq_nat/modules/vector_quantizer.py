@@ -206,7 +206,7 @@ class VectorQuantizer(nn.Module):
 
         Block by block, in chunks of rows whose (rows x K) score matrix stays near 32 MB: the scores of a chunk
         are reduced (argmax / exp + multinomial) while they are still in cache, and the N x K matrix is never
-        held whole (measured on CPU, N=8192, K=4096, D=512: argmax 1.08x the bare distance matmul, against 1.15x
+        held whole (measured on CPU, N=8192, K=4096, D=512: argmax 1.08x the bare distance matmul, against 1.14x
         for one N x K matrix reduced afterwards).
         """
         n, b, _ = x.shape
@@ -236,19 +236,12 @@ class VectorQuantizer(nn.Module):
         return out
 
     @staticmethod
-    def _scores(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """s_ij = x_i . e_j - ||e_j||^2 / 2, (N, B, d) x (B, K, d) -> (B, N, K), as one GEMM per block with the
-        bias folded in ([x, 1] . [e, -||e||^2/2]); argmax_j s_ij is the nearest code."""
-        n, b, d = x.shape
-        xa = torch.cat([x.transpose(0, 1), x.new_ones(b, n, 1)], dim=-1)  # (B, N, d + 1)
-        ea = torch.cat([codebook, -0.5 * (codebook * codebook).sum(-1, keepdim=True)], dim=-1)  # (B, K, d + 1)
-        return torch.bmm(xa, ea.transpose(1, 2))
-
-    @staticmethod
     def _distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """||z_e - e_j||^2 (N, B, K), for k-means initialisation."""
-        x_sq = (x * x).sum(-1).t().unsqueeze(-1)  # (B, N, 1)
-        return (x_sq - 2.0 * VectorQuantizer._scores(x, codebook)).transpose(0, 1).clamp_(min=0.0)
+        """||z_e - e_j||^2 = ||z_e||^2 - 2 z_e . e_j + ||e_j||^2, (N, B, d) x (B, K, d) -> (N, B, K), for k-means
+        initialisation (one batched GEMM with the squared norms as its bias)."""
+        xb = x.transpose(0, 1)  # (B, N, d)
+        sq = (xb * xb).sum(-1, keepdim=True) + (codebook * codebook).sum(-1).unsqueeze(1)  # (B, N, K)
+        return torch.baddbmm(sq, xb, codebook.transpose(1, 2), alpha=-2.0).transpose(0, 1).clamp_(min=0.0)
 
     def _sample_counts(self, samples: torch.Tensor, weight: torch.Tensor):
         """Counts sum_i w_ij of each code over this batch (w_ij = share of position i's m draws that are j, 0 for
