@@ -10,7 +10,9 @@ size. The last line is ``speedup batch1=X.XX batch64=Y.YY``: LT against AR greed
 times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
 (not data loading). Use the same machine and thread count for both, as here. ``--unfused`` adds the LT decoded
 through fairseq's own layer code (``--no-fused-inference``) as one more interleaved runner, which shows what the
-fused inference path buys.
+fused inference path buys. Each line also gives the output tokens per sentence (EOS included) and, for the LT,
+the decoded span (latents x 2^nc: the positions it projects onto the vocabulary unless the length budget cuts
+it), against one position per output token for an autoregressive model.
 """
 import argparse
 import statistics
@@ -48,7 +50,9 @@ def batches(task, subset, batch_size, max_sentences, models):
     return out, sum(sample["nsentences"] for sample in out)
 
 
-def time_generation(task, generator, models, samples, device):
+def time_generation(task, generator, models, samples, device, stats=None):
+    """Seconds to decode ``samples``; with ``stats`` (a dict, the untimed warm-up round) also counts the output
+    tokens (EOS included) and, for the LT, the decoded span (latents x 2^nc) of every hypothesis."""
     from fairseq import utils
 
     start = time.perf_counter()
@@ -58,6 +62,12 @@ def time_generation(task, generator, models, samples, device):
             hypos = task.inference_step(generator, models, sample)
             for h in hypos:  # what fairseq-generate reads of every hypothesis
                 h[0]["tokens"].int().cpu()
+            if stats is not None:
+                for h in hypos:
+                    stats["tokens"] = stats.get("tokens", 0) + len(h[0]["tokens"])
+                    if "latents" in h[0]:
+                        span = len(h[0]["latents"]) * models[0].decoder.factor
+                        stats["span"] = stats.get("span", 0) + span
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -111,17 +121,21 @@ def main(argv=None):
         data = {name: batches(task, args.gen_subset, bs, args.max_sentences, models)
                 for name, (task, _, models) in runners.items()}
         times = {name: [] for name in runners}
+        stats = {name: {} for name in runners}
         for r in range(args.repeats + 1):
             for name, (task, gen, models) in runners.items():
                 samples, n = data[name]
-                secs = time_generation(task, gen, models, samples, device)
+                secs = time_generation(task, gen, models, samples, device, stats[name] if r == 0 else None)
                 if r > 0:
                     times[name].append(1000.0 * secs / n)
         for name, ts in times.items():
             med = statistics.median(ts)
             medians[(name, bs)] = med
+            n = data[name][1]
+            span = f", {stats[name]['span'] / n:.1f} span positions" if "span" in stats[name] else ""
             print(f"batch {bs:3d}  {name:10s} {med:8.2f} ms/sentence  (min {min(ts):.2f}, max {max(ts):.2f}, "
-                  f"{data[name][1]} sentences x {len(ts)} rounds)")
+                  f"{n} sentences x {len(ts)} rounds; {stats[name]['tokens'] / n:.1f} output tokens{span} "
+                  "per sentence)")
     for bs in args.batch_sizes:
         for name in runners:
             if name != "LT":
