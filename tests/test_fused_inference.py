@@ -28,8 +28,18 @@ def _sample(task):
     return make_sample(task.target_dictionary, [3, 11, 6, 17, 1], seed=3)
 
 
+@pytest.fixture(params=["small-batch kernels", "large-batch kernels"])
+def kernels(request, monkeypatch):
+    """The fused path picks its kernels by size: SDPA and plain GEMMs for one sentence, bmm attention and
+    oneDNN's prepacked GEMMs (CPU, fp32) for many rows. The test batches are tiny: force the large-batch ones."""
+    if request.param == "large-batch kernels":
+        monkeypatch.setattr(fused_inference, "_PACKED_MIN", 0)
+        monkeypatch.setattr(fused_inference, "_BMM_ATTENTION_MIN", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_decoding_equals_fairseq_layers(tmp_path, name):
+def test_fused_decoding_equals_fairseq_layers(tmp_path, name, kernels):
     task, model = _model(tmp_path, CONFIGS[name])
     sample = _sample(task)
     src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
@@ -60,6 +70,8 @@ def test_fused_decoding_equals_fairseq_layers(tmp_path, name):
         f1 = model.decoder.decode(latents, pad0, ref, features_only=True, fused=True)
         real_t = ~pad0.repeat_interleave(model.decoder.factor, dim=1)
         assert (f1 - f0).abs()[real_t].max() < 1e-4
+    if kernels == "large-batch kernels" and fused_inference._MKLDNN_LINEAR is not None:
+        assert "_fused_mkldnn" in model.decoder.layers[0].fc1.__dict__, "the oneDNN path must have run"
 
 
 def test_latent_predictor_sampling_rows_match(tmp_path):
@@ -78,7 +90,7 @@ def test_latent_predictor_sampling_rows_match(tmp_path):
     torch.testing.assert_close(outs[0][2], outs[1][2], atol=1e-4, rtol=1e-5)
 
 
-def test_packed_weights_follow_parameter_updates(tmp_path):
+def test_packed_weights_follow_parameter_updates(tmp_path, kernels):
     task, model = _model(tmp_path, [])
     sample = _sample(task)
     src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
@@ -164,3 +176,44 @@ def test_latent_generate_matches_a_per_sentence_greedy_loop(tmp_path, fused):
                 prev = model.decoder.bottleneck.embed_codes(torch.tensor([k]))
             assert codes[i, : lengths[i]].tolist() == want
             assert scores[i].item() == pytest.approx(total, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 4), (1, 2, 1, 6, 8), (3, 1, 4, 4, 2)])
+def test_attend_equals_sdpa(shape, monkeypatch):
+    """bmm attention (many query rows on CPU) against torch's SDPA: plain, causal, and a padding mask."""
+    b, h, tq, tk, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for t in (tq, tk, tk))
+    pad = torch.zeros(b, tk, dtype=torch.bool)
+    pad[0, tk // 2 + 1:] = True
+    mask = ~pad[:, None, None, :]
+    monkeypatch.setattr(fused_inference, "_BMM_ATTENTION_MIN", 0)
+    F = torch.nn.functional
+    torch.testing.assert_close(fused_inference.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(fused_inference.attend(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, mask))
+    if tq == tk:
+        torch.testing.assert_close(fused_inference.attend(q, k, v, causal=True),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.skipif(fused_inference._MKLDNN_LINEAR is None, reason="no oneDNN in this torch build")
+def test_prepacked_linear_equals_f_linear_and_follows_updates(monkeypatch):
+    monkeypatch.setattr(fused_inference, "_PACKED_MIN", 0)
+    lin = torch.nn.Linear(8, 5)
+    x = torch.randn(3, 4, 8)
+    F = torch.nn.functional
+    with torch.no_grad():
+        torch.testing.assert_close(fused_inference.linear(lin, "w", x, lin.weight, lin.bias),
+                                   F.linear(x, lin.weight, lin.bias))
+        torch.testing.assert_close(fused_inference.linear(lin, "w", x, lin.weight, lin.bias, relu=True),
+                                   F.relu(F.linear(x, lin.weight, lin.bias)))
+        lin.weight.mul_(-2.0)  # in place: the cached blocked weight must be rebuilt
+        torch.testing.assert_close(fused_inference.linear(lin, "w", x, lin.weight, None), F.linear(x, lin.weight))
+        # another dtype, or below the size threshold: plain F.linear
+        xd, wd = x.double(), lin.weight.double()
+        out = fused_inference.linear(lin, "wd", xd, wd, None)
+        assert out.dtype == torch.float64 and "wd" not in lin.__dict__["_fused_mkldnn"]
+        torch.testing.assert_close(out, F.linear(xd, wd))
+        monkeypatch.setattr(fused_inference, "_PACKED_MIN", 10**9)
+        lin.weight.add_(1.0)
+        torch.testing.assert_close(fused_inference.linear(lin, "w", x, lin.weight, None), F.linear(x, lin.weight))

@@ -68,15 +68,17 @@ class LatentGenerator:
             fused=self.fused,
         )
         latent_len = (~latent_pad).sum(1).tolist()
-        spans = tokens.ne(self.pad).sum(1).tolist()  # the decoder fills each span (latents x 2^nc, <= limit)
+        # each hypothesis ends at its first EOS (kept), else at the end of its span (EOS appended)
+        spans = tokens.ne(self.pad).sum(1)  # the decoder fills each span (latents x 2^nc, <= limit)
+        is_eos = tokens.eq(self.eos)
+        with_eos = is_eos.any(1)
+        ends = torch.where(with_eos, is_eos.int().argmax(1) + 1, spans).tolist()
+        with_eos = with_eos.tolist()
         hypos = []
         for i in range(tokens.size(0)):
-            toks, pos_scores = tokens[i, : spans[i]], scores[i, : spans[i]]
-            eos_at = (toks == self.eos).nonzero()
-            if len(eos_at) > 0:
-                end = int(eos_at[0]) + 1
-                toks, pos_scores = toks[:end], pos_scores[:end]
-            else:
+            end = ends[i]
+            toks, pos_scores = tokens[i, :end], scores[i, :end]
+            if not with_eos[i]:
                 toks = torch.cat([toks, toks.new_tensor([self.eos])])
                 pos_scores = torch.cat([pos_scores, pos_scores.new_zeros(1)])
             hypos.append(

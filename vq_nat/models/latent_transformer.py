@@ -284,10 +284,11 @@ class LatentDecoder(FairseqDecoder):
             x = self.layer_norm(x)
         return x if features_only else self.output_layer(x)
 
-    def output_layer(self, features):
-        if self.output_projection is None:
-            return F.linear(features, self.embed_tokens.weight)
-        return self.output_projection(features)
+    def output_layer(self, features, fused: bool = False):
+        weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection.weight
+        if fused and not torch.is_grad_enabled():
+            return fused_inference.linear(self, "output_projection", features, weight, None)
+        return F.linear(features, weight)
 
     # ---------------------------------------------------------------- training forward
     def forward(self, target: Tensor, encoder_out: Dict, ae_input: Optional[Tensor] = None):
@@ -351,23 +352,29 @@ class LatentDecoder(FairseqDecoder):
         span = (~latent_pad).sum(1) * self.factor
         if token_budget is not None:
             span = torch.minimum(span, token_budget)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=fused,
-                               length=int(span.max()))
-        used = torch.arange(features.size(1), device=span.device).unsqueeze(0) < span.unsqueeze(1)
-        best, best_tokens = self.best_tokens(features[used])
+        spans = span.tolist()
+        length = max(spans)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=fused, length=length)
+        if min(spans) == length:  # every row uses every position (always at batch 1): no packing
+            best, best_tokens = self.best_tokens(features.reshape(-1, features.size(-1)), fused=fused)
+            return best_tokens.view(features.shape[:2]), best.view(features.shape[:2]), latent_pad, codes, \
+                latent_scores
+        used = torch.arange(length, device=span.device).unsqueeze(0) < span.unsqueeze(1)
+        best, best_tokens = self.best_tokens(features[used], fused=fused)
         tokens = torch.full(used.shape, self.padding_idx, dtype=torch.long, device=features.device)
         scores = torch.zeros(used.shape, device=features.device)
         tokens[used] = best_tokens
         scores[used] = best
         return tokens, scores, latent_pad, codes, latent_scores
 
-    def best_tokens(self, features: Tensor) -> Tuple[Tensor, Tensor]:
+    def best_tokens(self, features: Tensor, fused: bool = False) -> Tuple[Tensor, Tensor]:
         """Decoder states (R, H) -> the most probable token of each (never <pad> or <s>) and its log-probability
         (fp32), the softmax normalised over the other tokens.
 
         In chunks of rows whose (rows x V) logits fit in cache, each projected, normalised and reduced before
         the next: at batch 64 (1,536 rows, V = 6,040, CPU) half the time of one (R x V) matrix reduced after
-        the projection, whose passes over the matrix then go to memory.
+        the projection, whose passes over the matrix then go to memory. ``fused``: the projection through
+        ``fused_inference.linear`` (oneDNN with a prepacked weight on CPU).
         """
         r = features.size(0)
         best = torch.empty(r, device=features.device)
@@ -375,7 +382,7 @@ class LatentDecoder(FairseqDecoder):
         special = torch.tensor([self.padding_idx, self.dictionary.bos()], device=features.device)
         step = max(16, _CHUNK_LOGITS // len(self.dictionary))
         for i in range(0, r, step):
-            logits = self.output_layer(features[i : i + step]).index_fill_(1, special, float("-inf"))
+            logits = self.output_layer(features[i : i + step], fused=fused).index_fill_(1, special, float("-inf"))
             torch.max(F.log_softmax(logits, dim=-1, dtype=torch.float32), dim=-1,
                       out=(best[i : i + step], tokens[i : i + step]))
         return best, tokens
