@@ -217,3 +217,43 @@ def test_prepacked_linear_equals_f_linear_and_follows_updates(monkeypatch):
         monkeypatch.setattr(fused_inference, "_PACKED_MIN", 10**9)
         lin.weight.add_(1.0)
         torch.testing.assert_close(fused_inference.linear(lin, "w", x, lin.weight, None), F.linear(x, lin.weight))
+
+
+@pytest.mark.parametrize("n", [6040, 120, 37])
+def test_row_max_equals_torch_max_first_index_on_ties(n):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, n, generator=g)
+    x[0, 3] = x[0, n - 1] = 50.0  # tie across blocks: the first index wins
+    x[1, 0] = x[1, 1] = 50.0  # tie inside a block
+    x[2] = -7.0  # a whole row tied
+    x[3, n // 2] = float("-inf")
+    values, indices = fused_inference.row_max(x)
+    want_values, want_indices = torch.max(x, dim=-1)
+    assert torch.equal(values, want_values) and torch.equal(indices, want_indices)
+    assert indices[:3].tolist() == [3, 0, 0]
+    one = fused_inference.row_max(x[:1])
+    assert torch.equal(one[1], want_indices[:1])
+
+
+def test_resolved_layers_follow_module_and_parameter_reassignment(tmp_path):
+    """Resolved layers are cached between batches: replacing a submodule or a Parameter object must show."""
+    task, model = _model(tmp_path, [])
+    sample = _sample(task)
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    real = ~src.eq(task.source_dictionary.pad()).t().unsqueeze(-1)
+
+    def check():
+        ref = model.encode_source(src, lengths, fused=False)["encoder_out"][0]
+        out = model.encode_source(src, lengths)["encoder_out"][0]
+        assert (out - ref).abs().masked_fill(~real, 0).max() < 1e-5
+        return out
+
+    with torch.no_grad():
+        first = check()
+        layer = model.encoder.layers[-1]
+        fc1 = torch.nn.Linear(layer.fc1.in_features, layer.fc1.out_features)
+        layer.fc1 = fc1  # a new module
+        second = check()
+        layer.self_attn.q_proj.bias = torch.nn.Parameter(torch.randn_like(layer.self_attn.q_proj.bias))
+        third = check()
+    assert (second - first).abs().max() > 1e-3 and (third - second).abs().max() > 1e-3
