@@ -252,7 +252,7 @@ def _norm(module):
     if type(module) is torch.nn.LayerNorm:
         shape, eps, params = module.normalized_shape, module.eps, module._parameters
         weight, bias = params["weight"], params["bias"]
-        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+        return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
     return module
 
 

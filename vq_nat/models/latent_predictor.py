@@ -51,7 +51,7 @@ class LatentPredictor(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        logits = self.output(x)
+        logits = F.linear(x, self.output.weight, self.output.bias)
         return logits.view(*x.shape[:-1], self.num_blocks, self.num_codes + 1)
 
     def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict) -> Tensor:
@@ -99,11 +99,13 @@ class LatentPredictor(nn.Module):
             enc, enc_mask = _unpack(encoder_out)
             stack = fused_inference.FusedDecoder(self.layers, enc, enc_mask, max_len=max_latents + 1)
         prev = self.start.expand(batch_size, -1)
+        positions = self.positions[: max_latents + 1].to(prev.dtype)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         picked, picked_lp = [], []  # per step: (B, num_blocks) symbols and their log-probabilities
         for t in range(max_latents + 1):
             if stack is not None:
-                logits = self._logits(stack.step(self._embed(prev.unsqueeze(1), offset=t), t))[:, 0]
+                x = self.dropout(prev.unsqueeze(1) + positions[t])  # = self._embed(prev.unsqueeze(1), offset=t)
+                logits = self._logits(stack.step(x, t))[:, 0]
             else:
                 logits = self.step(prev, t, encoder_out, incremental_state)
             lprobs = F.log_softmax(logits.float(), dim=-1)

@@ -17,6 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` without the module call (which costs as much as the op on one sentence's few positions)."""
+    return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def _zero_pad(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x if padding_mask is None else x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
 
@@ -53,7 +58,7 @@ def conv_btc(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         return conv(x.transpose(1, 2)).transpose(1, 2)
     b, t, c = x.shape
     if b * t <= _SMALL_CONV:
-        windows = F.pad(x, (0, 0, p, p)).unfold(1, k, s)  # (B, T', C_in, k): index c * k + j as the weight's
+        windows = torch.constant_pad_nd(x, (0, 0, p, p)).unfold(1, k, s)  # (B, T', C_in, k): c * k + j as the weight
         return F.linear(windows.flatten(2), conv.weight.flatten(1), conv.bias)
     weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
     out = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), weight, conv.bias, stride=(1, s), padding=(0, p))
@@ -73,9 +78,9 @@ class ResidualConvBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = _zero_pad(self.norm(x), padding_mask)
+        y = _zero_pad(_layer_norm(self.norm, x), padding_mask)
         for conv, norm in zip(self.convs, self.norms):
-            y = _zero_pad(norm(conv_btc(F.relu(y), conv)), padding_mask)
+            y = _zero_pad(_layer_norm(norm, conv_btc(torch.relu(y), conv)), padding_mask)
         if self.training:
             y = self.dropout(y)
         return _zero_pad(x + y, padding_mask)
@@ -107,7 +112,7 @@ class Compressor(nn.Module):
         for i, (conv, norm) in enumerate(zip(self.strided, self.norms)):
             padding_mask = downsample_mask(padding_mask, 1)
             # ReLU -> Conv(kernel 2, stride 2, no bias) -> LayerNorm, as t2t ``conv_block``
-            x = _zero_pad(norm(conv_btc(F.relu(x), conv)), padding_mask)
+            x = _zero_pad(_layer_norm(norm, conv_btc(torch.relu(x), conv)), padding_mask)
         return x, padding_mask
 
 
@@ -131,8 +136,8 @@ class Decompressor(nn.Module):
             padding_mask = None  # nothing to zero after every layer (decoding one sentence)
         for i, (block, lin, norm) in enumerate(zip(self.residual, self.thicken, self.norms)):
             x = block(x, padding_mask)
-            h = x if i == 0 else F.relu(x)  # t2t: no leading ReLU on the first step
-            h = norm(lin(h))  # (B, L, 2H)
+            h = x if i == 0 else torch.relu(x)  # t2t: no leading ReLU on the first step
+            h = _layer_norm(norm, F.linear(h, lin.weight, lin.bias))  # (B, L, 2H)
             b, length, two_h = h.shape
             x = h.reshape(b, 2 * length, two_h // 2)  # depth-to-space
             padding_mask = upsample_mask(padding_mask, 1)

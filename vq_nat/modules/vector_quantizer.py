@@ -109,7 +109,7 @@ class VectorQuantizer(nn.Module):
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices -> z_q. ``codes``: (...) long (or (..., num_blocks) with product quantization)."""
         if self.num_blocks == 1:
-            codes = codes.unsqueeze(-1)
+            return F.embedding(codes, self.embed[0])
         offsets = torch.arange(self.num_blocks, device=codes.device) * self.num_codes
         flat = self.embed.reshape(-1, self.block_dim)
         return F.embedding(codes + offsets, flat).flatten(-2)
