@@ -4,9 +4,11 @@
     python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
         [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu] [--unfused]
 
-Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C A B C ...) over
-``--repeats`` rounds after one warm-up round, and prints the median (and min-max) ms/sentence per model and batch
-size. The last line is ``speedup batch1=X.XX batch64=Y.YY``: LT against AR greedy (median ratios). Wall-clock
+Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved batch by batch (every batch
+by every model in turn, the first model rotating), over ``--repeats`` rounds after one warm-up round, and prints
+the median (and min-max) over rounds of ms/sentence per model and batch size. Ratios are taken round by round
+(the models of one round met the same machine state) and their median reported; the last line is
+``speedup batch1=X.XX batch64=Y.YY``: AR greedy's time over the LT's. Wall-clock
 times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
 (not data loading). Use the same machine and thread count for both, as here. ``--unfused`` adds the LT decoded
 through fairseq's own layer code (``--no-fused-inference``) as one more interleaved runner, which shows what the
@@ -50,27 +52,41 @@ def batches(task, subset, batch_size, max_sentences, models):
     return out, sum(sample["nsentences"] for sample in out)
 
 
-def time_generation(task, generator, models, samples, device, stats=None):
-    """Seconds to decode ``samples``; with ``stats`` (a dict, the untimed warm-up round) also counts the output
+def decode_batch(task, generator, models, sample, device, stats=None) -> float:
+    """Seconds to decode one batch; with ``stats`` (a dict, the untimed warm-up round) also counts the output
     tokens (EOS included) and, for the LT, the decoded span (latents x 2^nc) of every hypothesis."""
     from fairseq import utils
 
     start = time.perf_counter()
     with torch.inference_mode():
-        for sample in samples:
-            sample = utils.move_to_cuda(sample) if device == "cuda" else sample
-            hypos = task.inference_step(generator, models, sample)
-            for h in hypos:  # what fairseq-generate reads of every hypothesis
-                h[0]["tokens"].int().cpu()
-            if stats is not None:
-                for h in hypos:
-                    stats["tokens"] = stats.get("tokens", 0) + len(h[0]["tokens"])
-                    if "latents" in h[0]:
-                        span = len(h[0]["latents"]) * models[0].decoder.factor
-                        stats["span"] = stats.get("span", 0) + span
+        sample = utils.move_to_cuda(sample) if device == "cuda" else sample
+        hypos = task.inference_step(generator, models, sample)
+        for h in hypos:  # what fairseq-generate reads of every hypothesis
+            h[0]["tokens"].int().cpu()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if stats is not None:
+        for h in hypos:
+            stats["tokens"] = stats.get("tokens", 0) + len(h[0]["tokens"])
+            if "latents" in h[0]:
+                stats["span"] = stats.get("span", 0) + len(h[0]["latents"]) * models[0].decoder.factor
+    return seconds
+
+
+def time_round(runners, data, device, stats=None):
+    """One round: every batch decoded by every model in turn, the first model rotating from batch to batch, so
+    that all models meet the same machine state (a noisy machine drifts within seconds). Seconds per model."""
+    names = list(runners)
+    seconds = dict.fromkeys(names, 0.0)
+    for j in range(max(len(data[name][0]) for name in names)):
+        for name in names[j % len(names):] + names[: j % len(names)]:
+            task, gen, models = runners[name]
+            samples = data[name][0]
+            if j < len(samples):
+                seconds[name] += decode_batch(task, gen, models, samples[j], device,
+                                              None if stats is None else stats[name])
+    return seconds
 
 
 def main(argv=None):
@@ -116,32 +132,33 @@ def main(argv=None):
 
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"subset={args.gen_subset} repeats={args.repeats} (+1 warm-up)")
-    medians = {}
+    ratios = {}  # (name, batch size) -> per-round time / LT's time in the same round
     for bs in args.batch_sizes:
         data = {name: batches(task, args.gen_subset, bs, args.max_sentences, models)
                 for name, (task, _, models) in runners.items()}
         times = {name: [] for name in runners}
         stats = {name: {} for name in runners}
         for r in range(args.repeats + 1):
-            for name, (task, gen, models) in runners.items():
-                samples, n = data[name]
-                secs = time_generation(task, gen, models, samples, device, stats[name] if r == 0 else None)
-                if r > 0:
-                    times[name].append(1000.0 * secs / n)
+            seconds = time_round(runners, data, device, stats if r == 0 else None)
+            if r > 0:
+                for name, secs in seconds.items():
+                    times[name].append(1000.0 * secs / data[name][1])
         for name, ts in times.items():
-            med = statistics.median(ts)
-            medians[(name, bs)] = med
             n = data[name][1]
             span = f", {stats[name]['span'] / n:.1f} span positions" if "span" in stats[name] else ""
-            print(f"batch {bs:3d}  {name:10s} {med:8.2f} ms/sentence  (min {min(ts):.2f}, max {max(ts):.2f}, "
-                  f"{n} sentences x {len(ts)} rounds; {stats[name]['tokens'] / n:.1f} output tokens{span} "
-                  "per sentence)")
+            print(f"batch {bs:3d}  {name:10s} {statistics.median(ts):8.2f} ms/sentence  (min {min(ts):.2f}, "
+                  f"max {max(ts):.2f}, {n} sentences x {len(ts)} rounds; {stats[name]['tokens'] / n:.1f} output "
+                  f"tokens{span} per sentence)")
+            ratios[(name, bs)] = [t / lt for t, lt in zip(ts, times["LT"])]
+    # the ratio of each round pairs the models under the same machine state: its median is the figure reported
     for bs in args.batch_sizes:
         for name in runners:
             if name != "LT":
-                print(f"ratio batch{bs}: {name} / LT = {medians[(name, bs)] / medians[('LT', bs)]:.2f}")
-    speed = " ".join(f"batch{bs}={medians[('AR greedy', bs)] / medians[('LT', bs)]:.2f}"
-                     for bs in args.batch_sizes if ("AR greedy", bs) in medians)
+                rs = ratios[(name, bs)]
+                print(f"ratio batch{bs}: {name} / LT = {statistics.median(rs):.2f} (median of {len(rs)} rounds; "
+                      f"min {min(rs):.2f}, max {max(rs):.2f})")
+    speed = " ".join(f"batch{bs}={statistics.median(ratios[('AR greedy', bs)]):.2f}"
+                     for bs in args.batch_sizes if ("AR greedy", bs) in ratios)
     print(f"speedup {speed}")
 
 

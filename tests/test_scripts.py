@@ -187,3 +187,27 @@ def test_prepare_wmt14_from_local_archives(tmp_path):
     (raw / "dev.tgz").unlink()
     p = run("scripts/prepare-wmt14-en-de.sh", str(raw), str(tmp_path / "o2"), check=False)
     assert p.returncode != 0 and "missing archive" in p.stderr
+
+
+def test_bench_decode_interleaves_batch_by_batch_with_rotating_first_model(monkeypatch):
+    """Every batch is decoded by every model before the next batch, the first model rotating, so that a drifting
+    machine state hits all models alike; times are summed per model (batch lists of different lengths too)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def fake(task, gen, models, sample, device, stats=None):
+        calls.append((gen, sample))
+        return {"A": 1.0, "B": 10.0, "C": 100.0}[gen]
+
+    monkeypatch.setattr(bench, "decode_batch", fake)
+    runners = {name: (None, name, None) for name in "ABC"}
+    data = {"A": ([0, 1, 2], 3), "B": ([0, 1, 2], 3), "C": ([0, 1], 2)}
+    seconds = bench.time_round(runners, data, "cpu")
+    assert calls == [("A", 0), ("B", 0), ("C", 0), ("B", 1), ("C", 1), ("A", 1), ("A", 2), ("B", 2)]
+    assert seconds == {"A": 3.0, "B": 30.0, "C": 200.0}
