@@ -4,10 +4,11 @@
     python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
         [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu] [--unfused]
 
-Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved batch by batch (every batch
-by every model in turn, the first model rotating), over ``--repeats`` rounds after one warm-up round, and prints
-the median (and min-max) over rounds of ms/sentence per model and batch size. Ratios are taken round by round
-(the models of one round met the same machine state) and their median reported; the last line is
+Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C, B C A, C A B, ...:
+each model decodes all its batches, warm, as when decoding a test set; the first model rotates from round to
+round) over ``--repeats`` rounds after one warm-up round, and prints the median (and min-max) over rounds of
+ms/sentence per model and batch size. Ratios are taken round by round (the models of one round ran within
+seconds of each other, on a machine whose speed drifts) and their median reported; the last line is
 ``speedup batch1=X.XX batch64=Y.YY``: AR greedy's time over the LT's. Wall-clock
 times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
 (not data loading). Use the same machine and thread count for both, as here. ``--unfused`` adds the LT decoded
@@ -74,18 +75,15 @@ def decode_batch(task, generator, models, sample, device, stats=None) -> float:
     return seconds
 
 
-def time_round(runners, data, device, stats=None):
-    """One round: every batch decoded by every model in turn, the first model rotating from batch to batch, so
-    that all models meet the same machine state (a noisy machine drifts within seconds). Seconds per model."""
+def time_round(runners, data, device, first: int = 0, stats=None):
+    """One round: each model decodes all its batches in turn (warm, as when decoding a test set), starting with
+    model number ``first`` (rotated from round to round). Seconds per model."""
     names = list(runners)
-    seconds = dict.fromkeys(names, 0.0)
-    for j in range(max(len(data[name][0]) for name in names)):
-        for name in names[j % len(names):] + names[: j % len(names)]:
-            task, gen, models = runners[name]
-            samples = data[name][0]
-            if j < len(samples):
-                seconds[name] += decode_batch(task, gen, models, samples[j], device,
-                                              None if stats is None else stats[name])
+    seconds = {}
+    for name in names[first % len(names):] + names[: first % len(names)]:
+        task, gen, models = runners[name]
+        seconds[name] = sum(decode_batch(task, gen, models, sample, device, None if stats is None else stats[name])
+                            for sample in data[name][0])
     return seconds
 
 
@@ -139,7 +137,7 @@ def main(argv=None):
         times = {name: [] for name in runners}
         stats = {name: {} for name in runners}
         for r in range(args.repeats + 1):
-            seconds = time_round(runners, data, device, stats if r == 0 else None)
+            seconds = time_round(runners, data, device, first=r, stats=stats if r == 0 else None)
             if r > 0:
                 for name, secs in seconds.items():
                     times[name].append(1000.0 * secs / data[name][1])

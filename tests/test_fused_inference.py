@@ -104,6 +104,19 @@ def test_packed_weights_follow_parameter_updates(tmp_path, kernels):
     assert (out - ref).abs().masked_fill(~real, 0).max() < 1e-5
     assert (out - before).abs().max() > 1e-2, "the change must matter"
 
+    # the source keys/values of the decoder and the latent predictor (stacked over their layers)
+    with torch.no_grad():
+        enc = model.encode_source(src, lengths, fused=False)
+        first = model.decoder.generate(enc, 40, fused=True)
+        model.decoder.layers[0].encoder_attn.v_proj.weight.mul_(-2.0)
+        model.decoder.latent_predictor.layers[0].encoder_attn.k_proj.bias.add_(0.5)
+        want = model.decoder.generate(enc, 40, fused=False)
+        got = model.decoder.generate(enc, 40, fused=True)
+    assert torch.equal(got[3], want[3]) and torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[4], want[4], atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(got[1], first[1]), "the change must matter"
+
 
 def test_used_only_in_eval_without_autograd_and_for_supported_layers(tmp_path):
     task, model = _model(tmp_path, [])

@@ -189,9 +189,9 @@ def test_prepare_wmt14_from_local_archives(tmp_path):
     assert p.returncode != 0 and "missing archive" in p.stderr
 
 
-def test_bench_decode_interleaves_batch_by_batch_with_rotating_first_model(monkeypatch):
-    """Every batch is decoded by every model before the next batch, the first model rotating, so that a drifting
-    machine state hits all models alike; times are summed per model (batch lists of different lengths too)."""
+def test_bench_decode_rounds_rotate_the_first_model(monkeypatch):
+    """Each model decodes all its batches in turn (warm); the first model rotates from round to round, so that
+    no model always runs first; times are summed per model."""
     import importlib.util
     import pathlib
 
@@ -208,6 +208,8 @@ def test_bench_decode_interleaves_batch_by_batch_with_rotating_first_model(monke
     monkeypatch.setattr(bench, "decode_batch", fake)
     runners = {name: (None, name, None) for name in "ABC"}
     data = {"A": ([0, 1, 2], 3), "B": ([0, 1, 2], 3), "C": ([0, 1], 2)}
-    seconds = bench.time_round(runners, data, "cpu")
-    assert calls == [("A", 0), ("B", 0), ("C", 0), ("B", 1), ("C", 1), ("A", 1), ("A", 2), ("B", 2)]
-    assert seconds == {"A": 3.0, "B": 30.0, "C": 200.0}
+    assert bench.time_round(runners, data, "cpu", first=0) == {"A": 3.0, "B": 30.0, "C": 200.0}
+    assert calls == [("A", 0), ("A", 1), ("A", 2), ("B", 0), ("B", 1), ("B", 2), ("C", 0), ("C", 1)]
+    calls.clear()
+    bench.time_round(runners, data, "cpu", first=4)
+    assert [c[0] for c in calls] == list("BBBCCAAA")

@@ -332,18 +332,37 @@ def encode(encoder, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) ->
 
 
 # ---------------------------------------------------------------------------------------------- decoder
+def _stacked_source_kv(owner, resolved: List[_Layer]) -> _Proj:
+    """The encoder-attention k/v projections of all ``resolved`` layers as one projection, cached on ``owner``
+    (the layers' container) while every layer's packed k/v weights are unchanged."""
+    key = tuple(r.cross_kv.key for r in resolved)
+    hit = owner.__dict__.get("_fused_source_kv") if isinstance(owner, torch.nn.Module) else None
+    if hit is not None and hit.key == key:
+        return hit
+    weight = torch.cat([r.cross_kv.weight for r in resolved])
+    bias = torch.cat([r.cross_kv.bias for r in resolved])
+    proj = _Proj(owner, "source_kv", weight, bias, key)
+    if isinstance(owner, torch.nn.Module):
+        owner.__dict__["_fused_source_kv"] = proj
+    return proj
+
+
 class FusedDecoder:
     """A stack of fairseq ``TransformerDecoderLayer`` s attending to one encoder output, for one batch.
 
     ``forward`` runs all positions at once (causal self-attention); ``step`` one position at a time with a
-    key/value cache (``max_len`` positions, preallocated). The source keys/values are projected once here.
+    key/value cache (``max_len`` positions, preallocated). The source keys/values of every layer are projected
+    here, once, in one product (the layers' k/v weights stacked: one sentence, 3 layers: 75 -> 30 us).
     """
 
     def __init__(self, layers, encoder_out: Tensor, encoder_padding_mask: Optional[Tensor], max_len: int = 0):
         self.layers = [_Layer.resolve(layer, cross=True) for layer in layers]
         enc = encoder_out.transpose(0, 1)  # (B, S, C)
         self.enc_mask = key_padding_to_mask(encoder_padding_mask)
-        self.enc_kv = [_split_heads(r.cross_kv(enc), 2, r.cross_heads) for r in self.layers]
+        kv = _stacked_source_kv(layers, self.layers)(enc)
+        width = kv.size(-1) // len(self.layers)
+        self.enc_kv = [_split_heads(kv[..., i * width : (i + 1) * width], 2, r.cross_heads)
+                       for i, r in enumerate(self.layers)]
         self.cache: List[Tuple[Tensor, Tensor]] = []
         if max_len > 0:
             bsz = enc.size(0)
