@@ -4,12 +4,15 @@ At decoding time the Latent Transformer runs tiny matrix products (one sentence,
 fairseq's layer code spends most of its time in Python and in small ops: ``MultiheadAttention``'s incremental-state
 dictionaries and shape checks, one linear per projection, (T, B, C) <-> (B, T, C) transposes (measured at batch
 1: 0.8 ms per latent-predictor step, 0.25 ms per encoder layer). This module runs the *same* fairseq layers —
-their parameters, their LayerNorm and activation modules — as
+their parameters, LayerNorms and activation functions — as
 
+- plain tensor functions: each layer is resolved once into its parameters (``_Layer``), cached until a module or
+  parameter is reassigned anywhere, so decoding steps make no ``nn.Module`` calls;
 - q, k, v (and the source's k, v) as one GEMM over concatenated weights, cached until a parameter changes;
 - attention by ``F.scaled_dot_product_attention`` in batch-first layout;
 - the latent predictor's self-attention cache as preallocated (B, heads, L, d) tensors written in place, and
-  the source keys/values of encoder-decoder attention computed once per batch instead of once per step;
+  the source keys/values of encoder-decoder attention computed once per batch (all layers in one product)
+  instead of once per step;
 - on CPU in fp32, the larger matrix products (rows x outputs >= ``_PACKED_MIN``: batched decoding, the
   vocabulary projection) through oneDNN with the weight reordered once into its blocked layout and cached
   (``linear``; the ReLU of the feed-forward block fused in), and attention over many query rows as two batched
