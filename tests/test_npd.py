@@ -53,32 +53,98 @@ def test_npd_returns_the_candidate_the_teacher_scores_best(built):
     greedy = LatentGenerator(d, max_len_b=40).generate([model], sample)
     gen = LatentGenerator(d, max_len_b=40, npd_candidates=k, npd_teacher=teacher)
     seen = {}
-    rescore = gen.rescore
+    rescore, decoder_generate = gen.rescore, model.decoder.generate
 
-    def spy(src_tokens, src_lengths, hypos, kk):
-        seen["hypos"], seen["scores"] = hypos, rescore(src_tokens, src_lengths, hypos, kk)
+    def spy(src_tokens, src_lengths, targets, kk):
+        seen["targets"], seen["scores"] = targets, rescore(src_tokens, src_lengths, targets, kk)
         return seen["scores"]
 
+    def latents_spy(*args, **kwargs):
+        result = decoder_generate(*args, **kwargs)
+        seen["latent_pad"], seen["codes"] = result[2], result[3]
+        return result
+
     gen.rescore = spy
-    torch.manual_seed(3)
-    out = gen.generate([model], sample)
-    hypos, scores = seen["hypos"], seen["scores"]
-    assert len(hypos) == 4 * k and len(out) == 4
+    model.decoder.generate = latents_spy
+    try:
+        torch.manual_seed(3)
+        out = gen.generate([model], sample)
+    finally:
+        del model.decoder.generate
+    targets, scores = seen["targets"], seen["scores"]
+    candidates = [row[row.ne(d.pad())] for row in targets]
+    assert len(candidates) == 4 * k and len(out) == 4
     src = sample["net_input"]["src_tokens"]
     for i in range(4):
         # candidate 0 of every sentence is the greedy decoding
-        assert torch.equal(hypos[i * k]["tokens"], greedy[i][0]["tokens"])
+        assert torch.equal(candidates[i * k], greedy[i][0]["tokens"])
         # the teacher's scores agree with fairseq's SequenceScorer
         s = src[i][src[i].ne(d.pad())]
         for j in range(k):
-            ref = teacher_mean_logprob(teacher, s, hypos[i * k + j]["tokens"])
+            assert candidates[i * k + j][-1] == d.eos() and (candidates[i * k + j][:-1] != d.eos()).all()
+            ref = teacher_mean_logprob(teacher, s, candidates[i * k + j])
             assert abs(float(scores[i * k + j]) - ref) < 1e-4
         best = int(scores[i * k : (i + 1) * k].argmax())
-        assert torch.equal(out[i][0]["tokens"], hypos[i * k + best]["tokens"])
+        assert torch.equal(out[i][0]["tokens"], candidates[i * k + best])
         assert out[i][0]["npd_candidate"] == best
+        assert float(out[i][0]["teacher_score"]) == float(scores[i * k + best])
     # the sampled candidates are not all copies of the greedy one (the latents are drawn)
-    assert any(not torch.equal(hypos[i * k]["latents"], hypos[i * k + j]["latents"])
-               for i in range(4) for j in range(1, k))
+    codes = seen["codes"].masked_fill(seen["latent_pad"], -1)
+    assert any(not torch.equal(codes[i * k], codes[i * k + j]) for i in range(4) for j in range(1, k))
+
+
+def test_npd_scores_each_distinct_candidate_once(built):
+    """Candidates that decode to the same tokens for the same sentence go through the teacher once and share its
+    score; the same tokens for another sentence are scored against that sentence."""
+    task, model, teacher = built
+    d = task.target_dictionary
+    sample = make_sample(d, [5, 7], seed=4)
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    gen = LatentGenerator(d, npd_candidates=3, npd_teacher=teacher)
+    pad, eos = d.pad(), d.eos()
+    a, b = [7, 8, 9, eos], [10, 11, eos]
+    rows = [a, b, a, a, a, a]  # sentence 0: a, b, a; sentence 1: a, a, a
+    targets = torch.full((6, 4), pad)
+    for i, r in enumerate(rows):
+        targets[i, : len(r)] = torch.tensor(r)
+    calls = []
+    teacher_scores = gen.teacher_scores
+
+    def spy(src_tokens, src_lengths, sentence, target):
+        calls.append((sentence.tolist(), target.tolist()))
+        return teacher_scores(src_tokens, src_lengths, sentence, target)
+
+    gen.teacher_scores = spy
+    with torch.no_grad():
+        scores = gen.rescore(src, lengths, targets, 3)
+    assert len(calls) == 1 and sorted(calls[0][0]) == [0, 0, 1]
+    for i, r in enumerate(rows):
+        s = src[i // 3][src[i // 3].ne(pad)]
+        assert abs(float(scores[i]) - teacher_mean_logprob(teacher, s, torch.tensor(r))) < 1e-4
+    assert float(scores[0]) == float(scores[2]) and float(scores[3]) == float(scores[4]) == float(scores[5])
+    assert float(scores[0]) != float(scores[3])  # same tokens, other source
+
+
+def test_fused_teacher_features_match_fairseq(built):
+    """The teacher's decoder states through the fused path equal fairseq's extract_features (padded rows)."""
+    from vq_nat.models import fused_inference
+
+    task, model, teacher = built
+    d = task.target_dictionary
+    sample = make_sample(d, [6, 3, 9], seed=5)
+    net = sample["net_input"]
+    target = sample["target"]
+    prev = torch.roll(target, 1, dims=1)
+    prev[:, 0] = d.eos()
+    prev = prev.masked_fill(target.eq(d.pad()), d.pad())
+    with torch.no_grad():
+        encoder_out = teacher.encoder(net["src_tokens"], src_lengths=net["src_lengths"])
+        assert LatentGenerator._fused_teacher_decoder(teacher.decoder)
+        fused = fused_inference.decoder_features(teacher.decoder, prev, encoder_out)
+        ref, _ = teacher.decoder.extract_features(prev, encoder_out=encoder_out)
+    real = prev.ne(d.pad())
+    assert (~real).any()
+    torch.testing.assert_close(fused[real], ref[real], rtol=1e-5, atol=1e-5)
 
 
 def test_npd_with_one_candidate_is_greedy_and_bad_settings_are_clear_errors(built):

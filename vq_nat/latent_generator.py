@@ -7,14 +7,21 @@ first EOS. Returns fairseq hypothesis dicts, so ``fairseq-generate`` prints its 
 
 Noisy parallel decoding (NPD, Gu et al. 2018; the paper's Table 1 NPD rows), ``npd_candidates`` = k > 1: every
 sentence gets k latent sequences -- the greedy one plus k - 1 drawn from the latent predictor -- which are
-decoded together in the same parallel pass (a batch of B·k); the autoregressive ``npd_teacher`` scores all B·k
+decoded together in the same parallel pass (a batch of B·k); the autoregressive ``npd_teacher`` scores the
 candidates in one teacher-forced pass and the candidate with the best mean token log-probability under the
-teacher is returned. k = 1 is plain greedy decoding.
+teacher is returned. Sampled latents often decode to the same tokens (on Multi30k about 30% of the B·k
+candidates are distinct): the teacher scores each distinct (sentence, candidate) once, encodes each source once,
+runs fairseq's decoder layers through the fused path and projects only real positions onto the vocabulary.
+Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
 """
 import logging
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vq_nat.models import fused_inference
 
 logger = logging.getLogger(__name__)
 
@@ -67,59 +74,103 @@ class LatentGenerator:
             encoder_out, int(limits.max()), latent_budget=budget, sample=sample_rows, token_budget=limits,
             fused=self.fused,
         )
-        latent_len = (~latent_pad).sum(1).tolist()
         # each hypothesis ends at its first EOS (kept), else at the end of its span (EOS appended)
         spans = tokens.ne(self.pad).sum(1)  # the decoder fills each span (latents x 2^nc, <= limit)
         is_eos = tokens.eq(self.eos)
         with_eos = is_eos.any(1)
-        ends = torch.where(with_eos, is_eos.int().argmax(1) + 1, spans).tolist()
-        with_eos = with_eos.tolist()
-        hypos = []
-        for i in range(tokens.size(0)):
+        ends = torch.where(with_eos, is_eos.int().argmax(1) + 1, spans)
+        if k == 1:
+            rows = range(tokens.size(0))
+        else:
+            targets = self.candidates(tokens, ends, with_eos)
+            teacher_scores = self.rescore(src_tokens, src_lengths, targets, k)
+            best = teacher_scores.view(-1, k).argmax(1)
+            rows = (torch.arange(best.numel(), device=best.device) * k + best).tolist()
+        latent_len = (~latent_pad).sum(1).tolist()
+        ends, with_eos = ends.tolist(), with_eos.tolist()
+        out = []
+        for i in rows:  # hypotheses only for the rows returned
             end = ends[i]
             toks, pos_scores = tokens[i, :end], scores[i, :end]
             if not with_eos[i]:
                 toks = torch.cat([toks, toks.new_tensor([self.eos])])
                 pos_scores = torch.cat([pos_scores, pos_scores.new_zeros(1)])
-            hypos.append(
-                {
-                    "tokens": toks,
-                    "score": pos_scores.mean(),
-                    "positional_scores": pos_scores,
-                    "alignment": None,
-                    "attention": None,
-                    "latents": codes[i, : latent_len[i]],
-                    "latent_score": latent_scores[i],
-                }
-            )
-        if k == 1:
-            return [[h] for h in hypos]
-        teacher_scores = self.rescore(src_tokens, src_lengths, hypos, k)
-        best = teacher_scores.view(-1, k).argmax(1)
-        out = []
-        for i, j in enumerate(best.tolist()):
-            h = hypos[i * k + j]
-            h["teacher_score"] = teacher_scores[i * k + j]
-            h["npd_candidate"] = j
-            out.append([h])
+            hypo = {
+                "tokens": toks,
+                "score": pos_scores.mean(),
+                "positional_scores": pos_scores,
+                "alignment": None,
+                "attention": None,
+                "latents": codes[i, : latent_len[i]],
+                "latent_score": latent_scores[i],
+            }
+            if k > 1:
+                hypo["teacher_score"] = teacher_scores[i]
+                hypo["npd_candidate"] = i % k
+            out.append([hypo])
         return out
 
-    def rescore(self, src_tokens, src_lengths, hypos, k):
-        """Mean token log-probability of every candidate under the teacher, one teacher-forced pass (B·k)."""
+    def candidates(self, tokens: Tensor, ends: Tensor, with_eos: Tensor) -> Tensor:
+        """The hypotheses as one (N, W) tensor, right-padded: row i is ``tokens[i, :ends[i]]``, then EOS where
+        the row has none -- exactly the ``tokens`` of the hypothesis dict row i would get."""
+        width = int((ends + (~with_eos).long()).max())
+        if tokens.size(1) < width:
+            tokens = F.pad(tokens, (0, width - tokens.size(1)), value=self.pad)
+        pos = torch.arange(width, device=tokens.device)
+        target = torch.where(pos < ends.unsqueeze(1), tokens[:, :width], self.pad)
+        return target.masked_fill((pos == ends.unsqueeze(1)) & ~with_eos.unsqueeze(1), self.eos)
+
+    def rescore(self, src_tokens: Tensor, src_lengths: Tensor, targets: Tensor, k: int) -> Tensor:
+        """Mean token log-probability under the teacher of every candidate (``targets``: (B·k, W), sentence-major,
+        right-padded): the distinct (sentence, candidate) pairs only -- sampled latents often decode to the same
+        tokens -- in one teacher-forced pass."""
+        sentence = torch.arange(targets.size(0), device=targets.device) // k
+        distinct, inverse = torch.unique(torch.cat([sentence.unsqueeze(1), targets], 1), dim=0,
+                                         return_inverse=True)
+        return self.teacher_scores(src_tokens, src_lengths, distinct[:, 0], distinct[:, 1:])[inverse]
+
+    def teacher_scores(self, src_tokens: Tensor, src_lengths: Tensor, sentence: Tensor, target: Tensor) -> Tensor:
+        """Mean over its tokens (EOS included) of log p_teacher(y_t | y_<t, x) for every row of ``target``
+        (right-padded), row r translating source sentence ``sentence[r]``; the source is encoded once per
+        sentence, the vocabulary projection runs on the real (not padded) positions only."""
         teacher = self.teacher
-        param = next(teacher.parameters())
-        if param.device != src_tokens.device:
+        if next(teacher.parameters()).device != src_tokens.device:
             teacher.to(src_tokens.device)
-        teacher.eval()
-        order = torch.arange(src_tokens.size(0), device=src_tokens.device).repeat_interleave(k)
-        lengths = torch.tensor([len(h["tokens"]) for h in hypos], device=src_tokens.device)
-        target = src_tokens.new_full((len(hypos), int(lengths.max())), self.pad)
-        for i, h in enumerate(hypos):
-            target[i, : len(h["tokens"])] = h["tokens"]
+        if teacher.training:
+            teacher.eval()
+        encoder, decoder = teacher.encoder, teacher.decoder
+        if self.fused and fused_inference.usable(encoder, encoder.layers, cross=False):
+            encoder_out = fused_inference.encode(encoder, src_tokens, src_lengths)
+        else:
+            encoder_out = encoder(src_tokens, src_lengths=src_lengths)
+        encoder_out = encoder.reorder_encoder_out(encoder_out, sentence)
+        real = target.ne(self.pad)
         prev = torch.roll(target, 1, dims=1)  # fairseq's shifted target: <eos> w1 ... wn
         prev[:, 0] = self.eos
-        prev = prev.masked_fill(target.eq(self.pad), self.pad)
-        net_output = teacher(src_tokens[order], src_lengths[order], prev)
-        lprobs = teacher.get_normalized_probs(net_output, log_probs=True).float()
-        token_lp = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(self.pad), 0.0)
-        return token_lp.sum(1) / lengths
+        prev = prev.masked_fill(~real, self.pad)
+        lengths = real.sum(1)
+        projection = getattr(decoder, "output_projection", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(projection, torch.nn.Linear):
+            lprobs = teacher.get_normalized_probs(decoder(prev, encoder_out=encoder_out), log_probs=True).float()
+            token_lp = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~real, 0.0)
+            return token_lp.sum(1) / lengths
+        if self.fused and self._fused_teacher_decoder(decoder):
+            features = fused_inference.decoder_features(decoder, prev, encoder_out)
+        else:
+            features, _ = decoder.extract_features(prev, encoder_out=encoder_out)
+        if self.fused:
+            logits = fused_inference.linear(decoder, "npd_output_projection", features[real], projection.weight,
+                                            projection.bias).float()
+        else:
+            logits = projection(features[real]).float()
+        gold = target[real]
+        token_lp = logits.gather(1, gold.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, 1)
+        row = torch.arange(target.size(0), device=target.device).unsqueeze(1).expand_as(target)[real]
+        return token_lp.new_zeros(target.size(0)).index_add_(0, row, token_lp) / lengths
+
+    @staticmethod
+    def _fused_teacher_decoder(decoder) -> bool:
+        from fairseq.models.transformer import TransformerDecoderBase
+
+        return (isinstance(decoder, TransformerDecoderBase) and not decoder.cross_self_attention
+                and fused_inference.usable(decoder, decoder.layers, cross=True))

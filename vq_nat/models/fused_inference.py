@@ -335,6 +335,27 @@ def encode(encoder, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) ->
 
 
 # ---------------------------------------------------------------------------------------------- decoder
+def decoder_features(decoder, prev_output_tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> Tensor:
+    """fairseq ``TransformerDecoder.extract_features(prev_output_tokens, encoder_out)[0]`` (teacher forcing: every
+    position at once, causal) with fused layers; eval mode, a decoder without ``cross_self_attention``. Used to
+    score candidate translations with an autoregressive teacher (noisy parallel decoding)."""
+    x = decoder.embed_scale * decoder.embed_tokens(prev_output_tokens)
+    if decoder.project_in_dim is not None:
+        x = decoder.project_in_dim(x)
+    if decoder.embed_positions is not None:
+        x = x + decoder.embed_positions(prev_output_tokens)
+    if decoder.layernorm_embedding is not None:
+        x = decoder.layernorm_embedding(x)
+    enc_mask = encoder_out["encoder_padding_mask"]
+    fused = FusedDecoder(decoder.layers, encoder_out["encoder_out"][0], enc_mask[0] if len(enc_mask) else None)
+    x = fused.forward(x, prev_output_tokens.eq(decoder.padding_idx))
+    if decoder.layer_norm is not None:
+        x = decoder.layer_norm(x)
+    if decoder.project_out_dim is not None:
+        x = decoder.project_out_dim(x)
+    return x
+
+
 def _stacked_source_kv(owner, resolved: List[_Layer]) -> _Proj:
     """The encoder-attention k/v projections of all ``resolved`` layers as one projection, cached on ``owner``
     (the layers' container) while every layer's packed k/v weights are unchanged."""
