@@ -139,10 +139,7 @@ class LatentGenerator:
         if teacher.training:
             teacher.eval()
         encoder, decoder = teacher.encoder, teacher.decoder
-        if self.fused and fused_inference.usable(encoder, encoder.layers, cross=False):
-            encoder_out = fused_inference.encode(encoder, src_tokens, src_lengths)
-        else:
-            encoder_out = encoder(src_tokens, src_lengths=src_lengths)
+        encoder_out = fused_inference.run_encoder(encoder, src_tokens, src_lengths, self.fused)
         encoder_out = encoder.reorder_encoder_out(encoder_out, sentence)
         real = target.ne(self.pad)
         prev = torch.roll(target, 1, dims=1)  # fairseq's shifted target: <eos> w1 ... wn

@@ -334,6 +334,14 @@ def encode(encoder, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) ->
     }
 
 
+def run_encoder(encoder, src_tokens: Tensor, src_lengths: Tensor, fused: bool = True) -> Dict[str, List[Tensor]]:
+    """A fairseq transformer encoder's output dict: through ``encode`` where the fused path is usable (same
+    result, fewer ops), else the encoder's own forward."""
+    if fused and usable(encoder, encoder.layers, cross=False):
+        return encode(encoder, src_tokens, src_lengths)
+    return encoder(src_tokens, src_lengths=src_lengths)
+
+
 # ---------------------------------------------------------------------------------------------- decoder
 def decoder_features(decoder, prev_output_tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> Tensor:
     """fairseq ``TransformerDecoder.extract_features(prev_output_tokens, encoder_out)[0]`` (teacher forcing: every

@@ -164,9 +164,7 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
     def encode_source(self, src_tokens, src_lengths, fused: bool = True):
         """The source encoder's output (fairseq's dict); at inference through ``fused_inference`` where it applies
         (same result, fewer ops)."""
-        if fused and fused_inference.usable(self.encoder, self.encoder.layers, cross=False):
-            return fused_inference.encode(self.encoder, src_tokens, src_lengths)
-        return self.encoder(src_tokens, src_lengths=src_lengths)
+        return fused_inference.run_encoder(self.encoder, src_tokens, src_lengths, fused)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         try:
