@@ -135,6 +135,15 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     p = py("scripts/bench_train.py", data_bin, "--steps", "1", "--repeats", "1", "--max-tokens", "300",
            "--size-args", tiny)
     assert re.match(r"ratio words/s LT/AR = \d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
+    p = py("scripts/profile_decode.py", data_bin, "--path", lt_ckpt, "--max-sentences", "4", "--batch-size", "2",
+           "--npd-candidates", "3", "--npd-teacher", ar_ckpt, "--ops", "3", "--cpu")
+    stages = re.findall(r"^stage (.+?) +\d+\.\d\d ms/sentence +(\d+\.\d) %$", p.stdout, re.M)
+    assert [name for name, _ in stages] == ["source encoder", "latent predictor", "parallel decoder",
+                                            "vocabulary projection", "teacher rescoring",
+                                            "rest (post-processing, glue)"], p.stdout
+    m = re.search(r"distinct latent sequences (\d+) of (\d+); distinct token candidates (\d+) of (\d+)", p.stdout)
+    assert m and int(m[2]) == int(m[4]) == 3 * 4 and 4 <= int(m[1]) <= 12 and 4 <= int(m[3]) <= 12, p.stdout
+    assert len(re.findall(r"^op \S+ .* calls/sentence", p.stdout, re.M)) == 3, p.stdout
 
     png = str(root / "usage.png")
     p = py("scripts/dump_latents.py", data_bin, "--path", os.path.join(work, lt, "checkpoint_last.pt"),
