@@ -235,7 +235,7 @@ def test_prepacked_linear_equals_f_linear_and_follows_updates(monkeypatch):
 @pytest.mark.parametrize("n", [6040, 120, 37])
 def test_row_max_equals_torch_max_first_index_on_ties(n):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, n, generator=g)
+    x = torch.randn(fused_inference._ROW_MAX_MIN_ROWS + 8, n, generator=g)  # enough rows for the two levels
     x[0, 3] = x[0, n - 1] = 50.0  # tie across blocks: the first index wins
     x[1, 0] = x[1, 1] = 50.0  # tie inside a block
     x[2] = -7.0  # a whole row tied
@@ -244,8 +244,9 @@ def test_row_max_equals_torch_max_first_index_on_ties(n):
     want_values, want_indices = torch.max(x, dim=-1)
     assert torch.equal(values, want_values) and torch.equal(indices, want_indices)
     assert indices[:3].tolist() == [3, 0, 0]
-    one = fused_inference.row_max(x[:1])
-    assert torch.equal(one[1], want_indices[:1])
+    for few in (1, 9):  # below the row threshold: torch.max itself
+        part = fused_inference.row_max(x[:few])
+        assert torch.equal(part[0], want_values[:few]) and torch.equal(part[1], want_indices[:few])
 
 
 def test_resolved_layers_follow_module_and_parameter_reassignment(tmp_path):

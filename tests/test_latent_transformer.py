@@ -6,7 +6,7 @@ import torch
 from fairseq_helpers import TINY, USER_DIR
 from fairseq_helpers import make_sample as helpers_make_sample
 from vq_nat.models.latent_transformer import masking_probability
-from vq_nat.modules.compression import Compressor, Decompressor
+from vq_nat.modules.compression import Compressor, Decompressor, conv_btc
 from vq_nat.modules.denoising import word_dropout, word_shuffle
 
 
@@ -186,6 +186,33 @@ def test_compress_decompress_lengths_and_padding_invariance():
     assert y.shape == (2, 12, 8) and ypad[1].sum() == 4
     with pytest.raises(ValueError, match="multiple of 2"):
         comp(torch.randn(1, 7, 8))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (2, 2, 0), (5, 1, 2), (3, 2, 1)])
+def test_conv_btc_equals_conv1d(kernel, stride, padding):
+    """Every path of conv_btc (centre tap at length 1, strided windows x tap-major weight, channels-last conv2d;
+    with and without autograd) is nn.Conv1d on the transposed input, gradients included; the weights cached for
+    inference follow an in-place update."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(8, 6, kernel, stride=stride, padding=padding)
+    for b, t in [(1, 1), (2, 1), (1, 2), (3, 4), (1, 16), (4, 32), (2, 7)]:
+        if t + 2 * padding < kernel:
+            continue
+        x = torch.randn(b, t, 8, requires_grad=True)
+        want = conv(x.transpose(1, 2)).transpose(1, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(conv_btc(x, conv), want, rtol=1e-5, atol=1e-5)
+        got = conv_btc(x, conv)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(torch.autograd.grad(got.square().sum(), [x, conv.weight, conv.bias]),
+                        torch.autograd.grad(want.square().sum(), [x, conv.weight, conv.bias])):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+        torch.testing.assert_close(conv_btc(x, conv), conv(x.transpose(1, 2)).transpose(1, 2), rtol=1e-5, atol=1e-5)
+        if padding * 2 + 1 == kernel and stride == 1:
+            torch.testing.assert_close(conv_btc(x[:, :1], conv), conv(x[:, :1].transpose(1, 2)).transpose(1, 2))
 
 
 def test_denoising_noise():

@@ -17,9 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``getattr(module, name)`` for a parameter, from the parameter dict when it is there: without
+    ``nn.Module.__getattr__``, which costs about as much as an op on one sentence's few positions."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` without the module call (which costs as much as the op on one sentence's few positions)."""
-    return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    """``norm(x)`` without the module call."""
+    return torch.layer_norm(x, norm.normalized_shape, _param(norm, "weight"), _param(norm, "bias"), norm.eps)
 
 
 def _zero_pad(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -44,22 +51,49 @@ def upsample_mask(padding_mask: Optional[torch.Tensor], steps: int) -> Optional[
 _SMALL_CONV = 64
 
 
+def _cached_weight(conv: nn.Conv1d, slot: str, build) -> torch.Tensor:
+    """``build(conv.weight)`` detached, cached on ``conv`` under ``slot`` while the weight is unchanged (same
+    storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it). Inference only."""
+    w = _param(conv, "weight")
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    hit = conv.__dict__.get(slot)
+    if hit is None or hit[0] != key:
+        hit = (key, build(w.detach()).contiguous())
+        conv.__dict__[slot] = hit
+    return hit[1]
+
+
+def _tap_major(w: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k) -> (C_out, k * C_in), column j * C_in + c = tap j of input channel c: the order of a
+    window of k consecutive (C_in,) positions laid end to end."""
+    return w.permute(0, 2, 1).reshape(w.size(0), -1)
+
+
 def conv_btc(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """``conv`` applied to batch-first ``x`` (B, T, C_in) -> (B, T', C_out), without transposed copies.
 
     The same result as ``conv(x.transpose(1, 2)).transpose(1, 2)``. Large inputs run as a 2-D convolution in
     channels-last layout, whose (B, C, 1, T) view of ``x`` is ``x`` itself and whose output is (B, T', C)
     contiguous (measured on CPU: half the time of Conv1d forward + backward with the two transposes, which
-    copy); small inputs (decoding one sentence) as one matrix product over the unfolded windows, which
-    avoids the convolution's fixed cost.
+    copy). Small inputs (decoding one sentence) run as one matrix product, which avoids the convolution's fixed
+    cost: the k positions of each window are consecutive rows of the zero-padded ``x``, so the windows are one
+    strided view of it, multiplied by the weight in tap-major order (cached without autograd). A length-1 input
+    of a "same" convolution sees only the centre tap: one product with that (C_out, C_in) slice.
     """
     (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
     if conv.dilation != (1,) or conv.groups != 1 or conv.padding_mode != "zeros":
         return conv(x.transpose(1, 2)).transpose(1, 2)
     b, t, c = x.shape
     if b * t <= _SMALL_CONV:
-        windows = torch.constant_pad_nd(x, (0, 0, p, p)).unfold(1, k, s)  # (B, T', C_in, k): c * k + j as the weight
-        return F.linear(windows.flatten(2), conv.weight.flatten(1), conv.bias)
+        cached = not torch.is_grad_enabled()
+        if t == 1 and s == 1 and k == 2 * p + 1:
+            centre = _cached_weight(conv, "_centre_tap", lambda w: w[:, :, p]) if cached else conv.weight[:, :, p]
+            return F.linear(x, centre, _param(conv, "bias"))
+        padded = torch.constant_pad_nd(x, (0, 0, p, p)) if p else x.contiguous()
+        t_out = (t + 2 * p - k) // s + 1
+        windows = padded.as_strided((b, t_out, k * c), (padded.stride(0), s * c, 1))  # (B, T', k * C_in)
+        weight = _cached_weight(conv, "_tap_major", _tap_major) if cached else _tap_major(conv.weight)
+        return F.linear(windows, weight, _param(conv, "bias"))
     weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
     out = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), weight, conv.bias, stride=(1, s), padding=(0, p))
     return out.permute(0, 2, 3, 1).flatten(1, 2)  # (B, 1, T', C_out) -> (B, T', C_out)
@@ -137,7 +171,7 @@ class Decompressor(nn.Module):
         for i, (block, lin, norm) in enumerate(zip(self.residual, self.thicken, self.norms)):
             x = block(x, padding_mask)
             h = x if i == 0 else torch.relu(x)  # t2t: no leading ReLU on the first step
-            h = _layer_norm(norm, F.linear(h, lin.weight, lin.bias))  # (B, L, 2H)
+            h = _layer_norm(norm, F.linear(h, _param(lin, "weight"), _param(lin, "bias")))  # (B, L, 2H)
             b, length, two_h = h.shape
             x = h.reshape(b, 2 * length, two_h // 2)  # depth-to-space
             padding_mask = upsample_mask(padding_mask, 1)
