@@ -226,7 +226,7 @@ class _Proj:
     """One projection (a ``Linear``, or several packed into one) with its weights looked up once per batch;
     ``__call__`` is ``linear`` with the small-product test first (the common case at batch 1)."""
 
-    __slots__ = ("owner", "name", "names", "weight", "bias", "key", "out_features")
+    __slots__ = ("owner", "name", "names", "params", "weight", "bias", "key", "out_features")
 
     def __init__(self, owner, name: str, weight: Tensor, bias: Optional[Tensor], key: Optional[Tuple] = None):
         self.owner, self.name, self.weight, self.bias, self.key = owner, name, weight, bias, key
@@ -241,11 +241,16 @@ class _Proj:
     def packed(cls, attn, names: Tuple[str, ...]) -> "_Proj":
         proj = cls(attn, "".join(names), *_packed(attn, names))
         proj.names = names
+        # the Parameter objects, in _packed's key order (weights, then biases): the same objects as long as this
+        # resolved form is (a reassignment rebuilds it), so their versions alone tell whether to re-pack
+        params = [_sub(attn, f"{n}_proj")._parameters for n in names]
+        proj.params = [p["weight"] for p in params] + [p["bias"] for p in params]
         return proj
 
     def refresh(self):
         """Re-pack the weights of a packed projection if one of its parameters changed (in place or moved)."""
-        self.weight, self.bias, self.key = _packed(self.owner, self.names)
+        if _version_key(*self.params) != self.key:
+            self.weight, self.bias, self.key = _packed(self.owner, self.names)
 
     def __call__(self, x: Tensor, relu: bool = False) -> Tensor:
         if x.numel() // x.shape[-1] * self.out_features < _PACKED_MIN:
