@@ -102,7 +102,12 @@ def usable(module: torch.nn.Module, layers, cross: bool) -> bool:
     if module.training or torch.is_grad_enabled():
         return False
     slot = "_fused_usable_cross" if cross else "_fused_usable"
-    return all(_cached(layer, slot, lambda: layer_supported(layer, cross)) for layer in layers)
+    hit = module.__dict__.get(slot)  # (structure generation, layers, answer): one lookup per stack and batch
+    if hit is not None and hit[0] == _structure_generation and hit[1] is layers:
+        return hit[2]
+    answer = all(layer_supported(layer, cross) for layer in layers)
+    module.__dict__[slot] = (_structure_generation, layers, answer)
+    return answer
 
 
 # ---------------------------------------------------------------------------------------------- packed weights
