@@ -101,13 +101,11 @@ def usable(module: torch.nn.Module, layers, cross: bool) -> bool:
     """The fused path applies: eval mode, no autograd, every layer of a supported configuration."""
     if module.training or torch.is_grad_enabled():
         return False
-    slot = "_fused_usable_cross" if cross else "_fused_usable"
-    hit = module.__dict__.get(slot)  # (structure generation, layers, answer): one lookup per stack and batch
-    if hit is not None and hit[0] == _structure_generation and hit[1] is layers:
-        return hit[2]
-    answer = all(layer_supported(layer, cross) for layer in layers)
-    module.__dict__[slot] = (_structure_generation, layers, answer)
-    return answer
+    supported = lambda: all(layer_supported(layer, cross) for layer in layers)  # noqa: E731
+    if not isinstance(layers, torch.nn.Module):
+        return supported()
+    # one cached answer per stack (a ModuleList), rebuilt when a module or parameter is reassigned anywhere
+    return _cached(layers, "_fused_usable_cross" if cross else "_fused_usable", supported)
 
 
 # ---------------------------------------------------------------------------------------------- packed weights
