@@ -172,6 +172,54 @@ def test_generate_stops_at_end_and_cuts_at_eos(built):
         assert 1 <= len(h[0]["latents"]) <= (50 + 7) // 8
 
 
+def test_a_lone_latent_is_decompressed_once_per_code_exactly(built, monkeypatch):
+    """Decoding one sentence of one latent looks its decompressed span up by code: the very tensor the
+    decompressor returned for that code; recomputed when the latent vector or a decompressor parameter changes;
+    never used with autograd, for batches or for several latents; bounded in memory."""
+    from vq_nat.models import latent_transformer
+
+    task, model, _ = built
+    model.eval()
+    dec = model.decoder
+    dec.__dict__.pop("_lone_latent_memo", None)
+    pad = torch.zeros(1, 1, dtype=torch.bool)
+    code, other = torch.tensor([[3]]), torch.tensor([[4]])
+    latents = dec.bottleneck.embed_codes(code).detach()
+    with torch.no_grad():
+        want, _ = dec.decompressor(latents, None)
+        first, first_pad = dec.decompress(latents, pad, code)
+        assert first_pad is None and torch.equal(first, want)
+        assert dec.decompress(latents, pad, code)[0] is first  # looked up, not recomputed
+        second = dec.decompress(dec.bottleneck.embed_codes(other), pad, other)[0]
+        assert not torch.equal(second, first)
+        assert dec.decompress(latents, pad, code)[0] is first and len(dec._lone_latent_memo[1]) == 2
+        # the same code with another latent vector (e.g. after a codebook update): computed afresh
+        moved = latents + 0.25
+        assert torch.equal(dec.decompress(moved, pad, code)[0], dec.decompressor(moved, None)[0])
+        # a decompressor parameter changed in place (an optimizer step): the memo is dropped
+        weight = dec.decompressor.thicken[0].weight
+        saved = weight.clone()
+        weight.add_(0.5)
+        try:
+            got = dec.decompress(latents, pad, code)[0]
+            assert torch.equal(got, dec.decompressor(latents, None)[0]) and not torch.equal(got, want)
+            assert len(dec._lone_latent_memo[1]) == 1
+        finally:
+            weight.copy_(saved)
+        # batches and several latents go through the decompressor
+        two = torch.cat([latents, latents], 1)
+        d2, _ = dec.decompress(two, torch.zeros(1, 2, dtype=torch.bool), torch.tensor([[3, 3]]))
+        assert d2.shape[1] == 2 * dec.factor and torch.equal(d2, dec.decompressor(two, None)[0])
+        # bounded: with no room, nothing is kept and the result is still right
+        dec.__dict__.pop("_lone_latent_memo")
+        monkeypatch.setattr(latent_transformer, "_MEMO_BYTES", 0)
+        assert torch.equal(dec.decompress(latents, pad, code)[0], want) and dec._lone_latent_memo[1] == {}
+    dec.__dict__.pop("_lone_latent_memo")
+    with torch.enable_grad():
+        out, _ = dec.decompress(latents.requires_grad_(), pad, code)
+        assert out.requires_grad and "_lone_latent_memo" not in dec.__dict__
+
+
 def test_compress_decompress_lengths_and_padding_invariance():
     torch.manual_seed(0)
     comp, decomp = Compressor(8, 2).eval(), Decompressor(8, 2).eval()
