@@ -271,3 +271,52 @@ def test_resolved_layers_follow_module_and_parameter_reassignment(tmp_path):
         layer.self_attn.q_proj.bias = torch.nn.Parameter(torch.randn_like(layer.self_attn.q_proj.bias))
         third = check()
     assert (second - first).abs().max() > 1e-3 and (third - second).abs().max() > 1e-3
+
+
+def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
+    """fairseq's optimizers update parameters through ``param.data``, which bumps no version counter. Decoding
+    after training steps in the same process (``--eval-bleu`` validation) must still use the current weights in
+    every cache: packed q/k/v, prepacked GEMM weights, tap-major convolutions, the lone-latent memo."""
+    from fairseq.optim.adam import FairseqAdam
+
+    task, model, criterion = build_task_and_model(str(tmp_path / "d"), ["--bottleneck", "em", "--dropout", "0"],
+                                                  vocab=20)
+    sample = _sample(task)
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    dec = model.decoder
+    code = torch.tensor([[2]])
+    one = torch.zeros(1, 1, dtype=torch.bool)
+
+    def decode_everything():
+        with torch.no_grad():
+            enc = model.encode_source(src, lengths)
+            out = dec.generate(enc, 40, fused=True)
+            short = dec.generate(model.encode_source(src[:1], lengths[:1]), 40, fused=True)  # small convolutions
+            lone = dec.decompress(dec.bottleneck.embed_codes(code), one, code)[0]
+        return enc["encoder_out"][0], out, short, lone
+
+    model.eval()
+    decode_everything()  # fills the caches
+    opt = FairseqAdam(type("C", (), {"lr": [0.05], "adam_betas": "(0.9, 0.999)", "adam_eps": 1e-8,
+                                     "weight_decay": 0.0, "use_old_adam": False, "fp16_adam_stats": False,
+                                     "tpu": False})(), list(model.parameters()))
+    weight = dec.layers[0].self_attn.q_proj.weight
+    before, version = weight.detach().clone(), weight._version
+    for step in range(2):
+        task.train_step(sample, model, criterion, opt, update_num=step)
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(weight, before) and weight._version == version, "updated through .data"
+    model.eval()
+    enc, out, short, lone = decode_everything()
+    with torch.no_grad():
+        ref = model.encode_source(src, lengths, fused=False)
+        want = dec.generate(ref, 40, fused=False)
+        want_short = dec.generate(model.encode_source(src[:1], lengths[:1], fused=False), 40, fused=False)
+        want_lone = dec.decompressor(dec.bottleneck.embed_codes(code), None)[0]
+    real = ~src.eq(task.source_dictionary.pad()).t().unsqueeze(-1)
+    assert (enc - ref["encoder_out"][0]).abs().masked_fill(~real, 0).max() < 1e-5
+    for got, exp in ((out, want), (short, want_short)):
+        assert torch.equal(got[3], exp[3]) and torch.equal(got[0], exp[0])
+        torch.testing.assert_close(got[1], exp[1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lone, want_lone, atol=1e-5, rtol=1e-5)

@@ -210,6 +210,25 @@ def test_a_lone_latent_is_decompressed_once_per_code_exactly(built, monkeypatch)
         two = torch.cat([latents, latents], 1)
         d2, _ = dec.decompress(two, torch.zeros(1, 2, dtype=torch.bool), torch.tensor([[3, 3]]))
         assert d2.shape[1] == 2 * dec.factor and torch.equal(d2, dec.decompressor(two, None)[0])
+        # two sentences of one latent each, or training mode: the decompressor, nothing memoised
+        entries = dict(dec._lone_latent_memo[1])
+        pair = dec.bottleneck.embed_codes(torch.tensor([[3], [4]]))
+        d2, _ = dec.decompress(pair, torch.zeros(2, 1, dtype=torch.bool), torch.tensor([[3], [4]]))
+        assert torch.equal(d2, dec.decompressor(pair, None)[0])
+        model.train()
+        try:
+            assert torch.equal(dec.decompress(latents, pad, code)[0], want)
+        finally:
+            model.eval()
+        assert dec._lone_latent_memo[1].keys() == entries.keys()
+        # a dtype round trip (parameters get new .data, perhaps at their old addresses): computed afresh
+        model.double()
+        try:
+            wide = dec.decompress(latents.double(), pad, code)[0]
+            assert wide.dtype == torch.float64 and torch.equal(wide, dec.decompressor(latents.double(), None)[0])
+        finally:
+            model.float()
+        assert dec.decompress(latents, pad, code)[0] is not first
         # bounded: with no room, nothing is kept and the result is still right
         dec.__dict__.pop("_lone_latent_memo")
         monkeypatch.setattr(latent_transformer, "_MEMO_BYTES", 0)

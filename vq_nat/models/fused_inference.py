@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modules.weight_state import state_key
+
 # attributes of fairseq's layers that this module does not implement: any of them set -> fairseq's forward
 _EXTRAS = ("c_attn", "attn_ln", "ffn_layernorm", "w_resid")
 
@@ -121,7 +123,9 @@ _BMM_ATTENTION_MIN = 64
 
 
 def _version_key(*tensors: Optional[Tensor]) -> Tuple:
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    """What identifies the tensors' current values (``weight_state.state_key``: storage, version, dtype, device,
+    and a process-wide count of optimizer steps, which fairseq's optimizers take through ``param.data``)."""
+    return state_key(*tensors)
 
 
 def linear(owner, name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool = False,

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
+from ..modules.weight_state import changed as weights_changed, state_key
 from . import fused_inference
 from .latent_predictor import LatentPredictor, _unpack, causal_mask
 
@@ -168,6 +169,12 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         (same result, fewer ops)."""
         return fused_inference.run_encoder(self.encoder, src_tokens, src_lengths, fused)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .float() / .to(): parameters get new ``.data``, possibly at a freed address with the same
+        # version counter; weights and outputs cached for inference must not be taken for current
+        weights_changed()
+        return super()._apply(fn, *args, **kwargs)
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         try:
             return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
@@ -289,7 +296,7 @@ class LatentDecoder(FairseqDecoder):
 
         Decoding one sentence whose latent sequence is a single code (``codes`` (1, 1[, blocks]), no autograd):
         with nothing around it, that code alone determines the decompressed span, so it is computed once per
-        code and looked up afterwards (``_lone_latent``). On Multi30k at nc = 4, 87 % of the test sentences
+        code and looked up afterwards (``_lone_latent``). On Multi30k at nc = 4, 88 % of the test sentences
         (up to 16 tokens) have one latent; the lookup replaces the decompressor's 4 residual blocks (about 70
         ops reading 2.9 MB of weights, 18 % of the batch-1 decoding time)."""
         if codes is not None and codes.shape[:2] == (1, 1) and not torch.is_grad_enabled() and not self.training:
@@ -299,14 +306,14 @@ class LatentDecoder(FairseqDecoder):
     def _lone_latent(self, latents: Tensor, codes: Tensor) -> Tensor:
         """``decompressor(latents)[0]`` for one sentence of one latent, memoised by its code.
 
-        The memo is dropped whenever a decompressor parameter changes (its storage or version: an optimizer
-        step, ``load_state_dict``, a dtype or device move), and an entry is used only if the latent vector it was
+        The memo is dropped whenever a decompressor parameter may have changed (``weight_state.state_key``: its
+        storage, version, dtype or device, or any optimizer step), and an entry is used only if the latent vector it was
         computed from is bitwise the one given (so a codebook update or another bottleneck state cannot serve
         stale values). Entries are the very tensors the decompressor returned: results are identical to
         computing them. At most ``_MEMO_BYTES`` are kept (all K codes of one block at nc = 4, H = 128: 4 MB)."""
         decompressor = self.decompressor
         params = fused_inference._cached(decompressor, "_memo_params", lambda: list(decompressor.parameters()))
-        state = tuple((p.data_ptr(), p._version) for p in params)
+        state = state_key(*params)
         memo = self.__dict__.get("_lone_latent_memo")
         if memo is None or memo[0] != state:
             memo = (state, {})

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .weight_state import state_key
+
 
 def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     """``getattr(module, name)`` for a parameter, from the parameter dict when it is there: without
@@ -52,10 +54,10 @@ _SMALL_CONV = 64
 
 
 def _cached_weight(conv: nn.Conv1d, slot: str, build) -> torch.Tensor:
-    """``build(conv.weight)`` detached, cached on ``conv`` under ``slot`` while the weight is unchanged (same
-    storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it). Inference only."""
+    """``build(conv.weight)`` detached, cached on ``conv`` under ``slot`` while the weight is unchanged
+    (``weight_state.state_key``: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it). Inference only."""
     w = _param(conv, "weight")
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    key = state_key(w)
     hit = conv.__dict__.get(slot)
     if hit is None or hit[0] != key:
         hit = (key, build(w.detach()).contiguous())

@@ -1,0 +1,33 @@
+"""When may a value derived from parameters (a packed or reordered weight, a memoised output) be reused?
+
+A cache keyed on each parameter's storage and version counter sees in-place changes made through the parameter
+itself (``param.add_``, ``load_state_dict``'s ``copy_``, torch's optimizers). It does not see changes made through
+``param.data``, whose in-place ops bump no version: fairseq's optimizers (Adam, the fp16 wrappers' copy back)
+update weights that way, and ``module.half()`` / ``.to()`` assign ``param.data``, which may reuse a freed address.
+So ``state_key`` also holds a counter of optimizer steps taken anywhere in the process (a global torch optimizer
+step hook: fairseq's optimizers are ``torch.optim.Optimizer`` subclasses) and of explicit ``changed()`` calls
+(``LatentTransformerModel._apply``: dtype and device moves). Plain torch: no fairseq import.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_generation = 0
+
+
+def changed(*_args) -> None:
+    """Parameters may have changed without their version counters noticing: every ``state_key`` differs now."""
+    global _generation
+    _generation += 1
+
+
+register_optimizer_step_post_hook(changed)
+
+
+def state_key(*tensors: Optional[torch.Tensor]) -> Tuple:
+    """Identifies the current values of ``tensors``: the process-wide generation, then each tensor's storage,
+    version, dtype and device (None for a missing tensor)."""
+    return (_generation,) + tuple(
+        (t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors
+    )
