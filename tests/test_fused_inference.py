@@ -274,9 +274,10 @@ def test_resolved_layers_follow_module_and_parameter_reassignment(tmp_path):
 
 
 def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
-    """fairseq's optimizers update parameters through ``param.data``, which bumps no version counter. Decoding
-    after training steps in the same process (``--eval-bleu`` validation) must still use the current weights in
-    every cache: packed q/k/v, prepacked GEMM weights, tap-major convolutions, the lone-latent memo."""
+    """fairseq's optimizers update parameters through ``param.data``, which bumps no version counter. Validation
+    and decoding after training steps in the same process (fairseq-train's validation, ``--eval-bleu``) must
+    still use the current weights in every cache: packed q/k/v, prepacked GEMM weights, tap-major convolutions,
+    the lone-latent memo."""
     from fairseq.optim.adam import FairseqAdam
 
     task, model, criterion = build_task_and_model(str(tmp_path / "d"), ["--bottleneck", "em", "--dropout", "0"],
@@ -297,6 +298,7 @@ def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
 
     model.eval()
     decode_everything()  # fills the caches
+    task.valid_step(sample, model, criterion)  # validation runs the decoder layers through the fused path too
     opt = FairseqAdam(type("C", (), {"lr": [0.05], "adam_betas": "(0.9, 0.999)", "adam_eps": 1e-8,
                                      "weight_decay": 0.0, "use_old_adam": False, "fp16_adam_stats": False,
                                      "tpu": False})(), list(model.parameters()))
@@ -320,3 +322,9 @@ def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
         assert torch.equal(got[3], exp[3]) and torch.equal(got[0], exp[0])
         torch.testing.assert_close(got[1], exp[1], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lone, want_lone, atol=1e-5, rtol=1e-5)
+    # the validation loss equals that of a freshly built model holding the same weights (no caches)
+    _, fresh, _ = build_task_and_model(str(tmp_path / "d"), ["--bottleneck", "em", "--dropout", "0"], vocab=20)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    loss = task.valid_step(sample, model, criterion)[0]
+    torch.testing.assert_close(loss, task.valid_step(sample, fresh, criterion)[0], atol=1e-4, rtol=1e-5)

@@ -307,10 +307,11 @@ class LatentDecoder(FairseqDecoder):
         """``decompressor(latents)[0]`` for one sentence of one latent, memoised by its code.
 
         The memo is dropped whenever a decompressor parameter may have changed (``weight_state.state_key``: its
-        storage, version, dtype or device, or any optimizer step), and an entry is used only if the latent vector it was
-        computed from is bitwise the one given (so a codebook update or another bottleneck state cannot serve
-        stale values). Entries are the very tensors the decompressor returned: results are identical to
-        computing them. At most ``_MEMO_BYTES`` are kept (all K codes of one block at nc = 4, H = 128: 4 MB)."""
+        storage, version, dtype or device, or any optimizer step), and an entry is used only if the latent vector
+        it was computed from equals the one given (``torch.equal``: a codebook update or another bottleneck state
+        cannot serve stale values). Entries are the very tensors the decompressor returned (callers must not
+        modify them in place): results are identical to computing them. At most ``_MEMO_BYTES`` are kept, latent
+        vectors included (all K codes of one block at nc = 4, H = 128: 4.3 MB)."""
         decompressor = self.decompressor
         params = fused_inference._cached(decompressor, "_memo_params", lambda: list(decompressor.parameters()))
         state = state_key(*params)
@@ -324,7 +325,7 @@ class LatentDecoder(FairseqDecoder):
                 and torch.equal(hit[0], latents):
             return hit[1]
         out, _ = self.decompressor(latents, None)
-        if (len(memo[1]) + 1) * out.numel() * out.element_size() <= _MEMO_BYTES:
+        if (len(memo[1]) + 1) * (out.numel() + latents.numel()) * out.element_size() <= _MEMO_BYTES:
             memo[1][key] = (latents.clone(), out)
         return out
 
