@@ -4,6 +4,7 @@ import torch
 
 from fairseq_helpers import build_task_and_model, make_sample
 from vq_nat.models import fused_inference
+from vq_nat.modules.weight_state import derived
 
 CONFIGS = {
     "post-norm": [],
@@ -71,7 +72,7 @@ def test_fused_decoding_equals_fairseq_layers(tmp_path, name, kernels):
         real_t = ~pad0.repeat_interleave(model.decoder.factor, dim=1)
         assert (f1 - f0).abs()[real_t].max() < 1e-4
     if kernels == "large-batch kernels" and fused_inference._MKLDNN_LINEAR is not None:
-        assert "_fused_mkldnn" in model.decoder.layers[0].fc1.__dict__, "the oneDNN path must have run"
+        assert "_fused_mkldnn" in derived(model.decoder.layers[0].fc1), "the oneDNN path must have run"
 
 
 def test_latent_predictor_sampling_rows_match(tmp_path):
@@ -225,7 +226,7 @@ def test_prepacked_linear_equals_f_linear_and_follows_updates(monkeypatch):
         # another dtype, or below the size threshold: plain F.linear
         xd, wd = x.double(), lin.weight.double()
         out = fused_inference.linear(lin, "wd", xd, wd, None)
-        assert out.dtype == torch.float64 and "wd" not in lin.__dict__["_fused_mkldnn"]
+        assert out.dtype == torch.float64 and "wd" not in derived(lin)["_fused_mkldnn"]
         torch.testing.assert_close(out, F.linear(xd, wd))
         monkeypatch.setattr(fused_inference, "_PACKED_MIN", 10**9)
         lin.weight.add_(1.0)
@@ -273,6 +274,35 @@ def test_resolved_layers_follow_module_and_parameter_reassignment(tmp_path):
     assert (second - first).abs().max() > 1e-3 and (third - second).abs().max() > 1e-3
 
 
+def test_a_deep_copy_after_fused_decoding_uses_its_own_weights(tmp_path, kernels):
+    """``copy.deepcopy`` (fairseq's EMA model, user code) or pickling of a model that has decoded: the caches of
+    derived weights are not copied (oneDNN's packed weights cannot be), and the copy decodes with its own
+    parameters."""
+    import copy
+    import pickle
+
+    task, model = _model(tmp_path, [])
+    sample = _sample(task)
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    real = ~src.eq(task.source_dictionary.pad()).t().unsqueeze(-1)
+    with torch.no_grad():
+        model.encode_source(src, lengths)
+        model.decoder.generate(model.encode_source(src, lengths), 40)  # resolves and caches every layer
+        twin = copy.deepcopy(model)
+        assert derived(twin.decoder.layers[0]) == {} and derived(model.decoder.layers[0]) != {}
+        pickled = pickle.loads(pickle.dumps(model))  # e.g. torch.save(model): the caches are not saved
+        assert derived(pickled.decoder.layers[0]) == {}
+        for p in twin.parameters():
+            p.mul_(1.5)  # in place: the copy's weights only
+        for m in (model, twin):
+            ref = m.encode_source(src, lengths, fused=False)
+            out = m.encode_source(src, lengths)
+            assert (out["encoder_out"][0] - ref["encoder_out"][0]).abs().masked_fill(~real, 0).max() < 1e-4
+            want, got = m.decoder.generate(ref, 40, fused=False), m.decoder.generate(ref, 40)
+            assert torch.equal(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)
+
+
 def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
     """fairseq's optimizers update parameters through ``param.data``, which bumps no version counter. Validation
     and decoding after training steps in the same process (fairseq-train's validation, ``--eval-bleu``) must
@@ -280,8 +310,9 @@ def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
     the lone-latent memo."""
     from fairseq.optim.adam import FairseqAdam
 
-    task, model, criterion = build_task_and_model(str(tmp_path / "d"), ["--bottleneck", "em", "--dropout", "0"],
-                                                  vocab=20)
+    # no gold-embedding warm-up: the decompressor gets gradients from the first update
+    FLAGS = ["--bottleneck", "em", "--dropout", "0", "--mask-startup-steps", "0"]
+    task, model, criterion = build_task_and_model(str(tmp_path / "d"), FLAGS, vocab=20)
     sample = _sample(task)
     src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
     dec = model.decoder
@@ -290,13 +321,16 @@ def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
 
     def decode_everything():
         with torch.no_grad():
+            lone = dec.decompress(lat, one, code)[0]  # first: generate() may re-memoise code 2
             enc = model.encode_source(src, lengths)
             out = dec.generate(enc, 40, fused=True)
             short = dec.generate(model.encode_source(src[:1], lengths[:1]), 40, fused=True)  # small convolutions
-            lone = dec.decompress(dec.bottleneck.embed_codes(code), one, code)[0]
         return enc["encoder_out"][0], out, short, lone
 
     model.eval()
+    with torch.no_grad():
+        lat = dec.bottleneck.embed_codes(code).clone()  # fixed: the EMA codebook moves too, the memo would miss
+    dp0 = [p.detach().clone() for p in dec.decompressor.parameters()]
     decode_everything()  # fills the caches
     task.valid_step(sample, model, criterion)  # validation runs the decoder layers through the fused path too
     opt = FairseqAdam(type("C", (), {"lr": [0.05], "adam_betas": "(0.9, 0.999)", "adam_eps": 1e-8,
@@ -309,13 +343,14 @@ def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
         opt.step()
         opt.zero_grad()
     assert not torch.equal(weight, before) and weight._version == version, "updated through .data"
+    assert any(not torch.equal(a, b) for a, b in zip(dp0, dec.decompressor.parameters())), "the memo must be stale"
     model.eval()
     enc, out, short, lone = decode_everything()
     with torch.no_grad():
         ref = model.encode_source(src, lengths, fused=False)
         want = dec.generate(ref, 40, fused=False)
         want_short = dec.generate(model.encode_source(src[:1], lengths[:1], fused=False), 40, fused=False)
-        want_lone = dec.decompressor(dec.bottleneck.embed_codes(code), None)[0]
+        want_lone = dec.decompressor(lat, None)[0]
     real = ~src.eq(task.source_dictionary.pad()).t().unsqueeze(-1)
     assert (enc - ref["encoder_out"][0]).abs().masked_fill(~real, 0).max() < 1e-5
     for got, exp in ((out, want), (short, want_short)):
@@ -323,8 +358,9 @@ def test_cached_weights_follow_fairseq_optimizer_steps(tmp_path, kernels):
         torch.testing.assert_close(got[1], exp[1], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lone, want_lone, atol=1e-5, rtol=1e-5)
     # the validation loss equals that of a freshly built model holding the same weights (no caches)
-    _, fresh, _ = build_task_and_model(str(tmp_path / "d"), ["--bottleneck", "em", "--dropout", "0"], vocab=20)
+    _, fresh, _ = build_task_and_model(str(tmp_path / "d"), FLAGS, vocab=20)
     fresh.load_state_dict(model.state_dict())
     fresh.eval()
+    fresh.set_num_updates(model.decoder.num_updates)
     loss = task.valid_step(sample, model, criterion)[0]
     torch.testing.assert_close(loss, task.valid_step(sample, fresh, criterion)[0], atol=1e-4, rtol=1e-5)

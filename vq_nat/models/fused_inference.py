@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..modules.weight_state import state_key
+from ..modules.weight_state import derived, state_key
 
 # attributes of fairseq's layers that this module does not implement: any of them set -> fairseq's forward
 _EXTRAS = ("c_attn", "attn_ln", "ffn_layernorm", "w_resid")
@@ -91,11 +91,12 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_structure_c
 
 def _cached(module, slot: str, build):
     """``build()``, cached on ``module`` until the next module or parameter (re)assignment anywhere."""
-    hit = module.__dict__.get(slot)
+    cache = derived(module)
+    hit = cache.get(slot)
     if hit is not None and hit[0] == _structure_generation:
         return hit[1]
     value = build()
-    module.__dict__[slot] = (_structure_generation, value)
+    cache[slot] = (_structure_generation, value)
     return value
 
 
@@ -142,7 +143,7 @@ def linear(owner, name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         out = F.linear(x, weight, bias)
         return F.relu(out) if relu else out
     key = (_version_key(weight), weight.shape) if key is None else key
-    cache = owner.__dict__.setdefault("_fused_mkldnn", {})
+    cache = derived(owner).setdefault("_fused_mkldnn", {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:
         # the batch-size hint only picks the blocked layout; the packed weight serves any number of rows
@@ -200,7 +201,7 @@ def _packed(attn, names: Tuple[str, ...]) -> Tuple[Tensor, Tensor, Tuple]:
     params = [_sub(attn, f"{n}_proj")._parameters for n in names]
     weights, biases = [p["weight"] for p in params], [p["bias"] for p in params]
     key = _version_key(*weights, *biases)
-    cache = attn.__dict__.setdefault("_fused_packed", {})
+    cache = derived(attn).setdefault("_fused_packed", {})
     hit = cache.get(names)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2], key
@@ -266,13 +267,24 @@ class _Proj:
         return linear(self.owner, self.name, x, self.weight, self.bias, relu, key=self.key)
 
 
+class _LayerNormFn:
+    """``torch.nn.LayerNorm`` as a plain call on its parameters. An object, not a closure: ``copy.deepcopy`` of a
+    model (fairseq's EMA, user code) maps its parameters to the copy's, which it cannot do inside a lambda."""
+
+    __slots__ = ("shape", "weight", "bias", "eps")
+
+    def __init__(self, module: torch.nn.LayerNorm):
+        params = module._parameters
+        self.shape, self.weight, self.bias, self.eps = module.normalized_shape, params["weight"], params["bias"], \
+            module.eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
 def _norm(module):
     """A LayerNorm as a plain function call (``torch.nn.LayerNorm``: ``F.layer_norm`` on its parameters)."""
-    if type(module) is torch.nn.LayerNorm:
-        shape, eps, params = module.normalized_shape, module.eps, module._parameters
-        weight, bias = params["weight"], params["bias"]
-        return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
-    return module
+    return _LayerNormFn(module) if type(module) is torch.nn.LayerNorm else module
 
 
 def _sub(module, name: str):
@@ -384,14 +396,14 @@ def _stacked_source_kv(owner, resolved: List[_Layer]) -> _Proj:
     """The encoder-attention k/v projections of all ``resolved`` layers as one projection, cached on ``owner``
     (the layers' container) while every layer's packed k/v weights are unchanged."""
     key = tuple(r.cross_kv.key for r in resolved)
-    hit = owner.__dict__.get("_fused_source_kv") if isinstance(owner, torch.nn.Module) else None
+    hit = derived(owner).get("_fused_source_kv") if isinstance(owner, torch.nn.Module) else None
     if hit is not None and hit.key == key:
         return hit
     weight = torch.cat([r.cross_kv.weight for r in resolved])
     bias = torch.cat([r.cross_kv.bias for r in resolved])
     proj = _Proj(owner, "source_kv", weight, bias, key)
     if isinstance(owner, torch.nn.Module):
-        owner.__dict__["_fused_source_kv"] = proj
+        derived(owner)["_fused_source_kv"] = proj
     return proj
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
-from ..modules.weight_state import changed as weights_changed, state_key
+from ..modules.weight_state import changed as weights_changed, derived, state_key
 from . import fused_inference
 from .latent_predictor import LatentPredictor, _unpack, causal_mask
 
@@ -315,10 +315,10 @@ class LatentDecoder(FairseqDecoder):
         decompressor = self.decompressor
         params = fused_inference._cached(decompressor, "_memo_params", lambda: list(decompressor.parameters()))
         state = state_key(*params)
-        memo = self.__dict__.get("_lone_latent_memo")
+        memo = derived(self).get("_lone_latent_memo")
         if memo is None or memo[0] != state:
             memo = (state, {})
-            self.__dict__["_lone_latent_memo"] = memo
+            derived(self)["_lone_latent_memo"] = memo
         key = tuple(codes.view(-1).tolist())
         hit = memo[1].get(key)
         if hit is not None and hit[0].dtype == latents.dtype and hit[0].device == latents.device \

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weight_state import state_key
+from .weight_state import derived, state_key
 
 
 def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
@@ -58,10 +58,11 @@ def _cached_weight(conv: nn.Conv1d, slot: str, build) -> torch.Tensor:
     (``weight_state.state_key``: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it). Inference only."""
     w = _param(conv, "weight")
     key = state_key(w)
-    hit = conv.__dict__.get(slot)
+    cache = derived(conv)
+    hit = cache.get(slot)
     if hit is None or hit[0] != key:
         hit = (key, build(w.detach()).contiguous())
-        conv.__dict__[slot] = hit
+        cache[slot] = hit
     return hit[1]
 
 

@@ -31,3 +31,25 @@ def state_key(*tensors: Optional[torch.Tensor]) -> Tuple:
     return (_generation,) + tuple(
         (t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors
     )
+
+
+class DerivedCache(dict):
+    """Values derived from a module's parameters (packed or reordered weights, resolved layers, memoised
+    outputs), kept on the module under ``derived(module)``. Never copied: ``copy.deepcopy`` and pickling give an
+    empty cache, which the copy fills from its own parameters (a copied entry could refer to the original's
+    parameters, and oneDNN's packed weights cannot be copied at all)."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+def derived(module: torch.nn.Module) -> DerivedCache:
+    """The cache of values derived from ``module``'s parameters (created empty on first use)."""
+    d = module.__dict__
+    cache = d.get("_derived")
+    if cache is None:
+        cache = d["_derived"] = DerivedCache()
+    return cache
