@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..modules.weight_state import derived, state_key
+from ..modules.weight_state import derived, reuse, state_key
 
 # attributes of fairseq's layers that this module does not implement: any of them set -> fairseq's forward
 _EXTRAS = ("c_attn", "attn_ln", "ffn_layernorm", "w_resid")
@@ -91,13 +91,7 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_structure_c
 
 def _cached(module, slot: str, build):
     """``build()``, cached on ``module`` until the next module or parameter (re)assignment anywhere."""
-    cache = derived(module)
-    hit = cache.get(slot)
-    if hit is not None and hit[0] == _structure_generation:
-        return hit[1]
-    value = build()
-    cache[slot] = (_structure_generation, value)
-    return value
+    return reuse(derived(module), slot, _structure_generation, build)
 
 
 def usable(module: torch.nn.Module, layers, cross: bool) -> bool:
@@ -123,12 +117,6 @@ _MKLDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 _BMM_ATTENTION_MIN = 64
 
 
-def _version_key(*tensors: Optional[Tensor]) -> Tuple:
-    """What identifies the tensors' current values (``weight_state.state_key``: storage, version, dtype, device,
-    and a process-wide count of optimizer steps, which fairseq's optimizers take through ``param.data``)."""
-    return state_key(*tensors)
-
-
 def linear(owner, name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool = False,
            key: Optional[Tuple] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` (then ReLU if ``relu``). Large CPU fp32 products run through oneDNN with
@@ -142,14 +130,11 @@ def linear(owner, name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     ):
         out = F.linear(x, weight, bias)
         return F.relu(out) if relu else out
-    key = (_version_key(weight), weight.shape) if key is None else key
-    cache = derived(owner).setdefault("_fused_mkldnn", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        # the batch-size hint only picks the blocked layout; the packed weight serves any number of rows
-        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
-        cache[name] = hit
-    return _MKLDNN_LINEAR(x, hit[1], bias, "relu" if relu else "none", [], "")
+    key = (state_key(weight), weight.shape) if key is None else key
+    # the batch-size hint only picks the blocked layout; the packed weight serves any number of rows
+    blocked = reuse(derived(owner).setdefault("_fused_mkldnn", {}), name, key,
+                    lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
+    return _MKLDNN_LINEAR(x, blocked, bias, "relu" if relu else "none", [], "")
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, causal: bool = False) -> Tensor:
@@ -197,18 +182,19 @@ def row_max(x: Tensor) -> Tuple[Tensor, Tensor]:
 def _packed(attn, names: Tuple[str, ...]) -> Tuple[Tensor, Tensor, Tuple]:
     """Concatenated weight and bias of ``attn``'s projections ``names`` (e.g. q, k, v), cached on the module and
     rebuilt whenever one of them changes (optimizer step, load_state_dict, dtype or device move); and the key
-    that identifies the parameters' state."""
-    params = [_sub(attn, f"{n}_proj")._parameters for n in names]
-    weights, biases = [p["weight"] for p in params], [p["bias"] for p in params]
-    key = _version_key(*weights, *biases)
-    cache = derived(attn).setdefault("_fused_packed", {})
-    hit = cache.get(names)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2], key
-    weight = torch.cat(weights).detach()
-    bias = torch.cat(biases).detach()
-    cache[names] = (key, weight, bias)
+    that identifies the parameters' state (``state_key``)."""
+    params = _proj_params(attn, names)
+    key = state_key(*params)
+    n = len(names)
+    weight, bias = reuse(derived(attn).setdefault("_fused_packed", {}), names, key,
+                         lambda: (torch.cat(params[:n]).detach(), torch.cat(params[n:]).detach()))
     return weight, bias, key
+
+
+def _proj_params(attn, names: Tuple[str, ...]) -> List[Tensor]:
+    """The weights, then the biases, of ``attn``'s projections ``names``."""
+    params = [_sub(attn, f"{n}_proj")._parameters for n in names]
+    return [p["weight"] for p in params] + [p["bias"] for p in params]
 
 
 def _split_heads(x: Tensor, parts: int, heads: int) -> Tuple[Tensor, ...]:
@@ -249,15 +235,14 @@ class _Proj:
     def packed(cls, attn, names: Tuple[str, ...]) -> "_Proj":
         proj = cls(attn, "".join(names), *_packed(attn, names))
         proj.names = names
-        # the Parameter objects, in _packed's key order (weights, then biases): the same objects as long as this
-        # resolved form is (a reassignment rebuilds it), so their versions alone tell whether to re-pack
-        params = [_sub(attn, f"{n}_proj")._parameters for n in names]
-        proj.params = [p["weight"] for p in params] + [p["bias"] for p in params]
+        # the Parameter objects, in _packed's key order: the same objects as long as this resolved form is (a
+        # reassignment rebuilds it), so their state alone tells whether to re-pack
+        proj.params = _proj_params(attn, names)
         return proj
 
     def refresh(self):
         """Re-pack the weights of a packed projection if one of its parameters changed (in place or moved)."""
-        if _version_key(*self.params) != self.key:
+        if state_key(*self.params) != self.key:
             self.weight, self.bias, self.key = _packed(self.owner, self.names)
 
     def __call__(self, x: Tensor, relu: bool = False) -> Tensor:
@@ -396,15 +381,13 @@ def _stacked_source_kv(owner, resolved: List[_Layer]) -> _Proj:
     """The encoder-attention k/v projections of all ``resolved`` layers as one projection, cached on ``owner``
     (the layers' container) while every layer's packed k/v weights are unchanged."""
     key = tuple(r.cross_kv.key for r in resolved)
-    hit = derived(owner).get("_fused_source_kv") if isinstance(owner, torch.nn.Module) else None
-    if hit is not None and hit.key == key:
-        return hit
-    weight = torch.cat([r.cross_kv.weight for r in resolved])
-    bias = torch.cat([r.cross_kv.bias for r in resolved])
-    proj = _Proj(owner, "source_kv", weight, bias, key)
-    if isinstance(owner, torch.nn.Module):
-        derived(owner)["_fused_source_kv"] = proj
-    return proj
+
+    def build():
+        weight = torch.cat([r.cross_kv.weight for r in resolved])
+        bias = torch.cat([r.cross_kv.bias for r in resolved])
+        return _Proj(owner, "source_kv", weight, bias, key)
+
+    return reuse(derived(owner), "_fused_source_kv", key, build) if isinstance(owner, torch.nn.Module) else build()
 
 
 class FusedDecoder:

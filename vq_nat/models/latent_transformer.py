@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
-from ..modules.weight_state import changed as weights_changed, derived, state_key
+from ..modules.weight_state import changed as weights_changed, derived, reuse, state_key
 from . import fused_inference
 from .latent_predictor import LatentPredictor, _unpack, causal_mask
 
@@ -314,19 +314,15 @@ class LatentDecoder(FairseqDecoder):
         vectors included (all K codes of one block at nc = 4, H = 128: 4.3 MB)."""
         decompressor = self.decompressor
         params = fused_inference._cached(decompressor, "_memo_params", lambda: list(decompressor.parameters()))
-        state = state_key(*params)
-        memo = derived(self).get("_lone_latent_memo")
-        if memo is None or memo[0] != state:
-            memo = (state, {})
-            derived(self)["_lone_latent_memo"] = memo
+        memo = reuse(derived(self), "_lone_latent_memo", state_key(*params), dict)  # code tuple -> (latents, out)
         key = tuple(codes.view(-1).tolist())
-        hit = memo[1].get(key)
+        hit = memo.get(key)
         if hit is not None and hit[0].dtype == latents.dtype and hit[0].device == latents.device \
                 and torch.equal(hit[0], latents):
             return hit[1]
         out, _ = self.decompressor(latents, None)
-        if (len(memo[1]) + 1) * (out.numel() + latents.numel()) * out.element_size() <= _MEMO_BYTES:
-            memo[1][key] = (latents.clone(), out)
+        if (len(memo) + 1) * (out.numel() + latents.numel()) * out.element_size() <= _MEMO_BYTES:
+            memo[key] = (latents.clone(), out)
         return out
 
     def output_layer(self, features, fused: bool = False):

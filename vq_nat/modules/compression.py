@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weight_state import derived, state_key
+from .weight_state import derived, reuse, state_key
 
 
 def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
@@ -57,13 +57,7 @@ def _cached_weight(conv: nn.Conv1d, slot: str, build) -> torch.Tensor:
     """``build(conv.weight)`` detached, cached on ``conv`` under ``slot`` while the weight is unchanged
     (``weight_state.state_key``: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it). Inference only."""
     w = _param(conv, "weight")
-    key = state_key(w)
-    cache = derived(conv)
-    hit = cache.get(slot)
-    if hit is None or hit[0] != key:
-        hit = (key, build(w.detach()).contiguous())
-        cache[slot] = hit
-    return hit[1]
+    return reuse(derived(conv), slot, state_key(w), lambda: build(w.detach()).contiguous())
 
 
 def _tap_major(w: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,14 @@ class DerivedCache(dict):
         return type(self), ()
 
 
+def reuse(store: dict, slot, key, build):
+    """``build()``, kept in ``store[slot]`` as ``(key, value)`` and returned again while ``key`` is the same."""
+    hit = store.get(slot)
+    if hit is None or hit[0] != key:
+        hit = store[slot] = (key, build())
+    return hit[1]
+
+
 def derived(module: torch.nn.Module) -> DerivedCache:
     """The cache of values derived from ``module``'s parameters (created empty on first use)."""
     d = module.__dict__
