@@ -3,6 +3,7 @@
 
     python scripts/profile_decode.py DATA_BIN --path LT.pt [--gen-subset test] [--batch-size 1]
         [--max-sentences 200] [--npd-candidates k --npd-teacher AR.pt] [--threads N] [--cpu] [--ops 15]
+        [--memo-rounds 6]
 
 After one warm-up pass over the batches, three more passes:
 1. plain: ms/sentence, as ``bench_decode.py`` measures it;
@@ -10,13 +11,18 @@ After one warm-up pass over the batches, three more passes:
    layers), the vocabulary projection + best token, the teacher's rescoring (noisy parallel decoding) and the rest
    (post-processing, glue); with k > 1 also how many of the B·k latent sequences and of the B·k token candidates
    are distinct within their sentence;
-3. ``torch.profiler``: the operators with the most self CPU time, as calls and microseconds per sentence.
+3. ``torch.profiler``: the operators with the most self CPU time, as calls and microseconds per sentence;
+4. with ``--memo-rounds N`` (batch 1, k = 1): what the lone-latent memo buys (``LatentDecoder.decompress``): the
+   passes alternate N times between the memo on and off (the decompressor run for every sentence), in this
+   process; the median and range of the per-alternation time ratios. Also printed: how many sentences get how
+   many latents, and how many distinct codes the one-latent sentences use.
 Nothing is asserted about the numbers; they go into the README with the command that printed them.
 """
 import argparse
 import collections
 import functools
 import os
+import statistics
 import sys
 import time
 
@@ -61,6 +67,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--ops", type=int, default=15, help="operators listed from the profiler")
+    p.add_argument("--memo-rounds", type=int, default=0,
+                   help="alternations of the lone-latent memo on / off (batch 1, k = 1); 0: not measured")
     args = p.parse_args(argv)
 
     import vq_nat  # noqa: F401  (registers the plugin)
@@ -93,8 +101,15 @@ def main(argv=None):
 
     model, totals, counts = models[0], collections.defaultdict(float), collections.Counter()
 
+    lone_codes, latent_counts = collections.Counter(), collections.Counter()
+
     def count_latents(call_args, call_kwargs, out):
         codes, latent_pad = out[0], out[1]
+        lengths = (~latent_pad).sum(1)
+        for length, row in zip(lengths.tolist(), codes.flatten(1).tolist()):
+            latent_counts[length] += 1
+            if length == 1:
+                lone_codes[tuple(row[: codes[0, 0].numel()])] += 1
         kept = codes.masked_fill(latent_pad.view(*latent_pad.shape, *[1] * (codes.dim() - 2)), -1)
         counts["latent rows"] += codes.size(0)
         counts["distinct latents"] += _distinct_rows(torch.arange(codes.size(0)) // k, kept.flatten(1).cpu())
@@ -118,6 +133,8 @@ def main(argv=None):
     totals["rest (post-processing, glue)"] = whole - sum(totals.values())
     for label, seconds in totals.items():
         print(f"stage {label:30s} {1000 * seconds / n:7.2f} ms/sentence  {100 * seconds / whole:5.1f} %")
+    per_count = ", ".join(f"{n_lat}: {latent_counts[n_lat]}" for n_lat in sorted(latent_counts))
+    print(f"sentences per latent count: {per_count}; the one-latent sentences use {len(lone_codes)} distinct codes")
     if k > 1:
         rows = counts["latent rows"]
         print(f"distinct latent sequences {counts['distinct latents']} of {rows}; "
@@ -133,7 +150,26 @@ def main(argv=None):
     print(f"profiler: {self_total / n:.0f} us of operator self CPU time per sentence")
     for e in events[: args.ops]:
         print(f"op {e.key:45s} {e.count / n:7.1f} calls/sentence  {e.self_cpu_time_total / n:8.1f} us/sentence  "
-              f"{e.self_cpu_time_total / max(1, e.count):6.1f} us/call  {100 * e.self_cpu_time_total / self_total:5.1f} %")
+              f"{e.self_cpu_time_total / max(1, e.count):6.1f} us/call  "
+              f"{100 * e.self_cpu_time_total / self_total:5.1f} %")
+
+    if args.memo_rounds > 0 and args.batch_size == 1 and k == 1:
+        decoder = model.decoder
+        memo_on = decoder.decompress
+
+        def memo_off(latents, latent_pad, codes=None):  # the decompressor for every sentence
+            return memo_on(latents, latent_pad, None)
+
+        ratios, on_ms, off_ms = [], [], []
+        for _ in range(args.memo_rounds):
+            decoder.decompress = memo_off
+            off_ms.append(1000 * run_all() / n)
+            del decoder.decompress  # back to the class method
+            on_ms.append(1000 * run_all() / n)
+            ratios.append(off_ms[-1] / on_ms[-1])
+        print(f"lone-latent memo: LT {statistics.median(on_ms):.2f} ms/sentence with, {statistics.median(off_ms):.2f} "
+              f"without; without / with = {statistics.median(ratios):.2f} (median of {len(ratios)} alternations; "
+              f"min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

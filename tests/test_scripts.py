@@ -144,6 +144,14 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     m = re.search(r"distinct latent sequences (\d+) of (\d+); distinct token candidates (\d+) of (\d+)", p.stdout)
     assert m and int(m[2]) == int(m[4]) == 3 * 4 and 4 <= int(m[1]) <= 12 and 4 <= int(m[3]) <= 12, p.stdout
     assert len(re.findall(r"^op \S+ .* calls/sentence", p.stdout, re.M)) == 3, p.stdout
+    m = re.search(r"^sentences per latent count: (.+); the one-latent sentences use (\d+) distinct codes$", p.stdout,
+                  re.M)
+    per_count = dict(map(int, item.split(": ")) for item in m[1].split(", ")) if m else {}
+    assert sum(per_count.values()) == 3 * 4 and int(m[2]) <= per_count.get(1, 0), p.stdout  # B·k latent rows
+    p = py("scripts/profile_decode.py", data_bin, "--path", lt_ckpt, "--max-sentences", "3", "--ops", "1",
+           "--memo-rounds", "2", "--cpu")
+    assert re.search(r"^lone-latent memo: LT \d+\.\d\d ms/sentence with, \d+\.\d\d without; without / with = "
+                     r"\d+\.\d\d \(median of 2 alternations", p.stdout, re.M), p.stdout
 
     png = str(root / "usage.png")
     p = py("scripts/dump_latents.py", data_bin, "--path", os.path.join(work, lt, "checkpoint_last.pt"),
