@@ -13,6 +13,10 @@ teacher is returned. Sampled latents often decode to the same tokens (on Multi30
 candidates are distinct): the teacher scores each distinct (sentence, candidate) once, encodes each source once,
 runs fairseq's decoder layers through the fused path and projects only real positions onto the vocabulary.
 Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
+
+Teacher-forced decoding (``oracle_latents``, ``--oracle-latents``): the latents are the autoencoder's own codes
+of the reference (``LatentDecoder.reference_codes``) instead of the predicted ones; the BLEU it gives bounds what
+a perfect latent predictor would reach (the y-axis of the paper's Figure 3).
 """
 import logging
 from typing import Dict, List
@@ -28,13 +32,17 @@ logger = logging.getLogger(__name__)
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None, fused: bool = True):
+                 npd_teacher=None, fused: bool = True, oracle_latents: bool = False):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if npd_candidates > 1 and npd_teacher is None:
             raise ValueError("noisy parallel decoding (--npd-candidates > 1) needs --npd-teacher PATH: an "
                              "autoregressive fairseq model with the same dictionaries that rescores the candidates")
+        if oracle_latents and npd_candidates > 1:
+            raise ValueError("--oracle-latents decodes the reference's own latents: it cannot be combined with "
+                             "--npd-candidates")
         self.npd_candidates = npd_candidates
+        self.oracle_latents = oracle_latents
         self.fused = fused  # fused_inference: same results as fairseq's layer code, fewer ops
         self.teacher = npd_teacher
         self.tgt_dict = tgt_dict
@@ -70,9 +78,17 @@ class LatentGenerator:
             sample_rows = torch.arange(order.numel(), device=order.device) % k != 0
         factor = model.decoder.factor
         budget = (limits + factor - 1) // factor
+        given = {}
+        if self.oracle_latents:  # teacher-forced decoding: the autoencoder's codes of the reference
+            if sample.get("target") is None:
+                raise ValueError("--oracle-latents decodes the latents of the reference translation: the data "
+                                 "must have targets (fairseq-generate on a binarized split, not -interactive)")
+            codes, latent_pad = model.decoder.reference_codes(sample["target"], encoder_out)
+            given = dict(codes=codes, latent_pad=latent_pad)
+            budget, limits = None, None  # the reference's own length
         tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
-            encoder_out, int(limits.max()), latent_budget=budget, sample=sample_rows, token_budget=limits,
-            fused=self.fused,
+            encoder_out, int(limits.max()) if limits is not None else 0, latent_budget=budget,
+            sample=sample_rows, token_budget=limits, fused=self.fused, **given,
         )
         # each hypothesis ends at its first EOS (kept), else at the end of its span (EOS appended)
         spans = tokens.ne(self.pad).sum(1)  # the decoder fills each span (latents x 2^nc, <= limit)

@@ -5,8 +5,9 @@
 each term a mean (per target token, per latent scalar, per latent position), as tensor2tensor sums its
 "training", "extra" and "latent_pred" losses; g(t) is the latent-loss gate (0 until ``--latent-loss-start``).
 The returned loss is that mean times ``sample_size`` (= target tokens), fairseq's convention. Every term is
-logged through fairseq's metrics (cross-entropies in base 2), with the code perplexity ``code_ppl`` and the
-fraction of codes used ``codes_used``.
+logged through fairseq's metrics (cross-entropies in base 2), with the code perplexity ``code_ppl``, the fraction of codes
+used ``codes_used``, the E-step posterior's entropy ``post_ent`` (nats; VQ bottlenecks) and, for soft EM, the
+number of distinct codes among each latent's m samples ``sample_codes`` (1.0: soft EM behaves as hard EM).
 """
 import math
 from dataclasses import dataclass, field
@@ -81,12 +82,22 @@ class LatentVQCriterion(FairseqCriterion):
         n_lp = lp_valid[..., 0].sum()
         lp_correct = ((lp_lprobs.argmax(-1) == lp_targets.argmax(-1)) & lp_valid).all(-1) & lp_valid[..., 0]
 
+        logging_output = {}
         q = out["bottleneck"]
+        latent_real = ~out["latent_padding_mask"]
+        if q.posterior_entropy is not None:
+            logging_output["post_ent"] = q.posterior_entropy.data * latent_real.sum()
+        if getattr(model.decoder.bottleneck, "assignment", None) == "soft":
+            # distinct codes among each latent's m soft-EM samples (1 = the samples are all one code: hard EM)
+            drawn = q.codes.sort(-1).values
+            distinct = 1 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1).float()
+            distinct = distinct if distinct.dim() == latent_real.dim() else distinct.mean(-1)
+            logging_output["sample_codes"] = (distinct * latent_real).sum().data
         gate = self.latent_loss_weight * out["latent_loss_weight"]
         mean_loss = recon / max(ntokens, 1) + q.loss.float() + gate * lp_loss / n_lp.clamp(min=1)
         loss = mean_loss * sample_size
 
-        logging_output = {
+        logging_output.update({
             "loss": loss.data,
             "nll_loss": nll.data,
             "recon_loss": recon.data,
@@ -101,7 +112,8 @@ class LatentVQCriterion(FairseqCriterion):
             "codes_used": q.codes_used.data,
             "masking": out["masking"],
             "nbatches": 1,
-        }
+            "nreal_latents": latent_real.sum().data,
+        })
         return loss, sample_size, logging_output
 
     @classmethod
@@ -121,6 +133,11 @@ class LatentVQCriterion(FairseqCriterion):
         metrics.log_scalar("lp_acc", total("lp_correct") / max(nlatents, 1), nlatents, round=3)
         metrics.log_scalar("code_ppl", total("code_ppl") / nbatches, nbatches, round=1)
         metrics.log_scalar("codes_used", total("codes_used") / nbatches, nbatches, round=3)
+        nreal = total("nreal_latents")
+        if any("post_ent" in log for log in logging_outputs):
+            metrics.log_scalar("post_ent", total("post_ent") / max(nreal, 1), nreal, round=3)
+        if any("sample_codes" in log for log in logging_outputs):
+            metrics.log_scalar("sample_codes", total("sample_codes") / max(nreal, 1), nreal, round=2)
         metrics.log_scalar("masking", total("masking") / nbatches, nbatches, round=3)
 
     @staticmethod

@@ -367,10 +367,25 @@ class LatentDecoder(FairseqDecoder):
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
+    def reference_codes(self, target: Tensor, encoder_out: Dict) -> Tuple[Tensor, Tensor]:
+        """The autoencoder's own codes of a reference ``target`` (B, T): the latents a perfect latent predictor
+        would emit. VQ bottlenecks: the nearest code of every compressed position (eq.1; for soft EM the mode of
+        the E-step posterior); the others: their evaluation-mode codes. Returns codes (B, L[, blocks]) and the
+        latent padding mask (B, L)."""
+        z_e, latent_pad = self.encode_target(self.pad_to_multiple(target), encoder_out)
+        nearest = getattr(self.bottleneck, "nearest_codes", None)
+        codes = nearest(z_e) if nearest is not None else self.bottleneck(z_e, padding_mask=latent_pad).codes
+        return codes, latent_pad
+
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
-                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None, fused: bool = True):
+                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None, fused: bool = True,
+                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None):
         """Predict the latents autoregressively (greedy, cached, early stop at END; rows flagged in ``sample``
         draw their codes instead), then decode all target positions in one parallel pass.
+
+        ``codes`` (B, L[, blocks]) with their ``latent_pad``: decode these latents instead of predicted ones
+        (teacher-forced decoding with ``reference_codes``: the bound a perfect latent predictor would reach);
+        their latent score is 0.
 
         Only the positions a hypothesis can use (its latents × 2^nc, at most ``token_budget``) go through the
         output projection and softmax, packed across the batch: the padded remainder of the batch's longest
@@ -381,11 +396,16 @@ class LatentDecoder(FairseqDecoder):
         Returns token ids (B, T) (pad past each span), a per-position log-prob (B, T), the latent padding mask
         (B, L), the codes and the latent log-probabilities (B,)."""
         enc, _ = _unpack(encoder_out)
-        max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
-                                 self.latent_predictor.positions.size(0) - 2))
-        codes, latent_pad, latent_scores = self.latent_predictor.generate(
-            encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample, fused=fused
-        )
+        if codes is None:
+            max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
+                                     self.latent_predictor.positions.size(0) - 2))
+            codes, latent_pad, latent_scores = self.latent_predictor.generate(
+                encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample, fused=fused
+            )
+        else:
+            if latent_pad is None or latent_pad.shape != codes.shape[:2]:
+                raise ValueError("generate(codes=...) needs their latent padding mask (B, L)")
+            latent_scores = torch.zeros(codes.size(0), device=codes.device)
         if latent_budget is not None:  # per-sentence budgets, applied before decoding (batching invariance)
             positions = torch.arange(latent_pad.size(1), device=latent_pad.device).unsqueeze(0)
             latent_pad = latent_pad | (positions >= latent_budget.unsqueeze(1))

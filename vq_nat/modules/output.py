@@ -1,5 +1,5 @@
 """The one named output structure shared by every discrete bottleneck in ``vq_nat.modules``."""
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -19,22 +19,27 @@ class QuantizerOutput:
     perplexity: scalar, exp(entropy) of the code-usage distribution over the non-padding positions of
                 this batch (averaged over blocks).
     codes_used: scalar, fraction of the codes used at least once in this batch (averaged over blocks).
+    posterior_entropy: scalar or None, mean entropy (nats) of the E-step posterior q(code | z_e) over the
+                non-padding positions (VQ bottlenecks: softmax(-||z_e - e_j||^2 / T); 0 when it is one-hot,
+                where soft EM draws the same code m times and is hard EM). Not part of the tuple unpacking.
 
     Unpacks like a tuple in this order: ``quantized, codes, targets, loss, perplexity, codes_used = out``.
     """
 
     _fields = ("quantized", "codes", "targets", "loss", "perplexity", "codes_used")
-    __slots__ = ("quantized", "codes", "_targets", "loss", "perplexity", "codes_used")
+    __slots__ = ("quantized", "codes", "_targets", "loss", "perplexity", "codes_used", "posterior_entropy")
 
     def __init__(self, quantized: torch.Tensor, codes: torch.Tensor,
                  targets: Union[torch.Tensor, Callable[[], torch.Tensor]], loss: torch.Tensor,
-                 perplexity: torch.Tensor, codes_used: torch.Tensor):
+                 perplexity: torch.Tensor, codes_used: torch.Tensor,
+                 posterior_entropy: Optional[torch.Tensor] = None):
         self.quantized = quantized
         self.codes = codes
         self._targets = targets
         self.loss = loss
         self.perplexity = perplexity
         self.codes_used = codes_used
+        self.posterior_entropy = posterior_entropy
 
     @property
     def targets(self) -> torch.Tensor:

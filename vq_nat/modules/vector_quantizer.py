@@ -118,7 +118,7 @@ class VectorQuantizer(nn.Module):
     def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
         """eq.1 without sampling or any update: argmin_j ||z_e - e_j||, (...) long (or (..., num_blocks))."""
         x = z_e.reshape(-1, self.num_blocks, self.block_dim).float()
-        codes = self._e_step(x, sample=False)[..., 0]  # (N, B)
+        codes = self._e_step(x, sample=False)[0][..., 0]  # (N, B)
         return codes.reshape(*z_e.shape[:-1], self.num_blocks) if self.num_blocks > 1 else codes.reshape(z_e.shape[:-1])
 
     # ------------------------------------------------------------------ forward
@@ -150,7 +150,7 @@ class VectorQuantizer(nn.Module):
                 xf = xf.masked_fill(~valid.view(-1, 1, 1), 0.0)
             if self.training and not bool(self.initialized):
                 self._kmeans_init(xf if valid is None else xf[valid])
-            samples = self._e_step(xf, sample=self.assignment == "soft")  # (N, B, m); m = 1 for hard EM
+            samples, entropy = self._e_step(xf, sample=self.assignment == "soft")  # (N, B, m); m = 1 for hard EM
             m = samples.size(-1)
             counts, flat, w = self._sample_counts(samples, weight)  # (B*K,) this rank's (averaged) counts
             if self.training and self.update == "ema":
@@ -181,9 +181,11 @@ class VectorQuantizer(nn.Module):
 
         usage = counts.view(b, k)
         p = usage / usage.sum(-1, keepdim=True).clamp(min=1e-12)
-        entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B,)
-        perplexity = entropy.exp().mean()
+        usage_entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B,)
+        perplexity = usage_entropy.exp().mean()
         codes_used = (usage > 0).float().mean()
+        # mean E-step posterior entropy over the real positions (and blocks): 0 = one-hot, log K = uniform
+        posterior_entropy = (entropy.mean(-1) * weight).sum() / weight.sum().clamp(min=1.0)
 
         codes_out = samples.reshape(*lead, b, m)
         if self.assignment == "hard":
@@ -198,42 +200,48 @@ class VectorQuantizer(nn.Module):
             t = t.reshape(*lead, b, k)
             return t.squeeze(-2) if b == 1 else t
 
-        return QuantizerOutput(quantized, codes_out, targets, loss, perplexity, codes_used)
+        return QuantizerOutput(quantized, codes_out, targets, loss, perplexity, codes_used,
+                               posterior_entropy=posterior_entropy)
 
     # ------------------------------------------------------------------ internals
-    def _e_step(self, x: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Codes of (N, B, d) fp32 inputs, (N, B, m): eq.1 (``sample=False``, m = 1) or soft EM's m draws.
+    def _e_step(self, x: torch.Tensor, sample: bool):
+        """Codes of (N, B, d) fp32 inputs, (N, B, m): eq.1 (``sample=False``, m = 1) or soft EM's m draws; and the
+        entropy (nats) of each position's E-step posterior q(j | z_e) = softmax_j(-||z_e - e_j||^2 / T), (N, B).
 
         Block by block, in chunks of rows whose (rows x K) score matrix stays near 32 MB: the scores of a chunk
-        are reduced (argmax / exp + multinomial) while they are still in cache, and the N x K matrix is never
-        held whole (measured on CPU, N=8192, K=4096, D=512: argmax 1.08x the bare distance matmul, against 1.14x
-        for one N x K matrix reduced afterwards).
+        are reduced (argmax / exp + multinomial / entropy) while they are still in cache, and the N x K matrix is
+        never held whole.
         """
         n, b, _ = x.shape
         k = self.num_codes
         m = self.num_samples if sample else 1
         out = torch.empty(n, b, m, dtype=torch.long, device=x.device)
+        entropy = torch.empty(n, b, device=x.device)
         rows = max(1, _CHUNK_SCORES // k)
         codebook = self.embed.detach().float()
         scale = 2.0 / self.temperature
         for j in range(b):
             e = codebook[j]
-            # s_ij = z_e_i . e_j - ||e_j||^2 / 2 = -(||z_e_i - e_j||^2 - ||z_e_i||^2) / 2: one GEMM with the bias
+            # s_ij = z_e_i . e_j - ||e_j||^2 / 2 = -(||z_e_i - e_j||^2 - ||z_e_i||^2) / 2: one GEMM with the bias;
+            # the posterior's logits -||z_e - e_j||^2 / T are 2 s_ij / T (the row constant ||z_e||^2 / T cancels)
             bias = -0.5 * (e * e).sum(-1)
             for i in range(0, n, rows):
                 xi = x[i : i + rows, j]
+                logits = torch.addmm(bias, xi, e.t(), beta=scale, alpha=scale)
+                # shifted by the row maximum and clamped at e^-80 relative to the best code (< 1e-34: never
+                # drawn; its exact value would be a denormal float, which makes exp 10x slower on CPUs)
+                shifted = logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=-80.0)
+                weights = shifted.exp()
+                # H(q) = log Z - sum_j w_j l_j / Z, with w_j = exp(l_j), Z = sum_j w_j
+                total = weights.sum(-1)
+                entropy[i : i + rows, j] = total.log() - (weights * shifted).sum(-1) / total
                 if not sample:
                     # eq.1: z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j|| = argmax_j s_ij
-                    out[i : i + rows, j, 0] = torch.addmm(bias, xi, e.t()).argmax(-1)
-                    continue
-                # soft EM E-step (section 3.2): m draws with replacement from Multinomial(logits
-                # -||z_e - e_j||^2 / T), i.e. logits 2 s_ij / T (the row constant ||z_e||^2 / T cancels)
-                logits = torch.addmm(bias, xi, e.t(), beta=scale, alpha=scale)
-                # unnormalised weights suffice; clamped at e^-80 relative to the best code (< 1e-34: never
-                # drawn; its exact value would be a denormal float, which makes exp 10x slower on CPUs)
-                weights = logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=-80.0).exp_()
-                out[i : i + rows, j] = torch.multinomial(weights, m, replacement=True)
-        return out
+                    out[i : i + rows, j, 0] = shifted.argmax(-1)
+                else:
+                    # soft EM E-step (section 3.2): m draws with replacement from q(j | z_e)
+                    out[i : i + rows, j] = torch.multinomial(weights, m, replacement=True)
+        return out, entropy
 
     @staticmethod
     def _distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

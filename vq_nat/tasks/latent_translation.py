@@ -35,6 +35,11 @@ class LatentTranslationConfig(TranslationConfig):
         default=False, metadata={"help": "decode through fairseq's own layer code instead of the fused inference "
                                          "path (vq_nat/models/fused_inference.py; same results, slower)"}
     )
+    oracle_latents: bool = field(
+        default=False, metadata={"help": "teacher-forced decoding: decode the autoencoder's own latents of the "
+                                         "reference instead of the predicted ones (an upper bound on what a "
+                                         "perfect latent predictor would give; needs targets)"}
+    )
     npd_teacher: str = field(
         default="", metadata={"help": "autoregressive fairseq checkpoint (same dictionaries) that rescores the "
                                       "--npd-candidates candidates in one teacher-forced pass"}
@@ -70,6 +75,7 @@ class LatentTranslationTask(TranslationTask):
             npd_candidates=self.cfg.npd_candidates,
             npd_teacher=teacher,
             fused=not self.cfg.no_fused_inference,
+            oracle_latents=self.cfg.oracle_latents,
         )
 
     def load_npd_teacher(self, path, models):

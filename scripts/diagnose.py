@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Where a Latent Transformer loses BLEU: the autoencoder or the latent predictor.
+
+    python scripts/diagnose.py DATA_BIN --path LT.pt [--subset valid] [--ref RAW_REF] [--cpu] [--json OUT]
+
+On every sentence of ``--subset`` it measures:
+  bleu           sacreBLEU of ordinary decoding (greedy latents from the latent predictor)
+  bleu_oracle    sacreBLEU of teacher-forced decoding: the autoencoder's own codes of the reference
+                 (``--oracle-latents``), i.e. what a perfect latent predictor would give (paper Figure 3's y-axis)
+  lp_acc         latent-predictor accuracy on the reference codes, teacher-forced (every block right)
+  lp_end_acc     share of sentences where the predictor, fed the reference codes, puts END right after them
+  len_err        mean (predicted - reference) number of latents of greedy decoding; len_abs_err its mean |.|;
+                 len_short  the share of sentences given fewer latents than the reference needs
+  codes_ae       distinct codes the autoencoder uses for the references; codes_pred  the predictor uses
+  post_ent       mean entropy (nats) of the E-step posterior over codes at the reference latents (0: one-hot,
+                 soft EM is then hard EM); sample_codes  mean distinct codes among soft EM's m samples
+BLEU is computed on detokenized (sacremoses), BPE-removed output against ``--ref`` (the raw references, one per
+line in the order of the split) or, without it, the split's own targets detokenized the same way.
+Prints one table and, with ``--json``, appends the numbers as one JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="fairseq-preprocess directory the model was trained on")
+    p.add_argument("--path", required=True, help="latent_transformer checkpoint")
+    p.add_argument("--subset", default="valid")
+    p.add_argument("--ref", help="raw (untokenized) references of the subset, one per line")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len-a", type=float, default=1.2)
+    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--label", default="", help="stored with the JSON line")
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args(argv)
+    for path, what in ((args.data, "directory"), (args.path, "checkpoint")):
+        if not os.path.exists(path):
+            sys.exit(f"diagnose.py: no such {what}: {path}")
+
+    sys.path.insert(0, ROOT)
+    import vq_nat  # noqa: F401  (registers the plugin)
+    from fairseq import checkpoint_utils, utils
+    from sacrebleu.metrics import BLEU
+    from sacremoses import MosesDetokenizer
+
+    from vq_nat.latent_generator import LatentGenerator
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
+    model = models[0].eval()
+    dec = getattr(model, "decoder", None)
+    if not hasattr(dec, "reference_codes"):
+        sys.exit(f"diagnose.py: {args.path} is not a latent_transformer checkpoint")
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        model.cuda()
+    task.load_dataset(args.subset)
+    itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
+                                  required_batch_size_multiple=1, disable_iterator_cache=True
+                                  ).next_epoch_itr(shuffle=False)
+    tgt_dict = task.target_dictionary
+    greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b)
+    oracle = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, oracle_latents=True)
+    soft = getattr(dec.bottleneck, "assignment", None) == "soft"
+
+    hyps, hyps_oracle, refs = {}, {}, {}
+    n_lat = n_sent = lp_right = end_right = short = 0
+    len_err = len_abs = 0.0
+    post_ent = sample_codes = 0.0
+    codes_ae, codes_pred = set(), set()
+
+    def text(tokens):
+        return tgt_dict.string(utils.strip_pad(tokens, tgt_dict.pad()), "subword_nmt", extra_symbols_to_ignore={tgt_dict.eos()})
+
+    with torch.inference_mode():
+        for sample in itr:
+            sample = utils.move_to_cuda(sample) if use_cuda else sample
+            net = sample["net_input"]
+            ids = sample["id"].tolist()
+            for store, gen in ((hyps, greedy), (hyps_oracle, oracle)):
+                for sid, h in zip(ids, gen.generate([model], sample)):
+                    store[sid] = (text(h[0]["tokens"]), h[0]["latents"])
+            enc = model.encode_source(net["src_tokens"], net["src_lengths"])
+            codes, pad = dec.reference_codes(sample["target"], enc)
+            real = ~pad
+            lengths = real.sum(1)
+            # teacher-forced latent predictor on the reference codes: position j predicts code j, L_i predicts END
+            latents = dec.bottleneck.embed_codes(codes).masked_fill(pad.unsqueeze(-1), 0.0)
+            pred = dec.latent_predictor(latents, pad, enc).argmax(-1)  # (B, L + 1, blocks)
+            blocks = pred.size(2)
+            want = codes.view(*pad.shape, blocks)
+            lp_right += int(((pred[:, :-1] == want).all(-1) & real).sum())
+            end_right += int((pred[torch.arange(len(ids)), lengths, 0] == dec.latent_predictor.end).sum())
+            n_lat += int(lengths.sum())
+            # the E-step posterior at the reference latents (evaluation mode: no codebook update)
+            q = dec.bottleneck(dec.encode_target(dec.pad_to_multiple(sample["target"]), enc)[0], padding_mask=pad)
+            if q.posterior_entropy is not None:
+                post_ent += float(q.posterior_entropy) * int(lengths.sum())
+            if soft:
+                drawn = q.codes.sort(-1).values
+                distinct = (1 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1)).float()
+                distinct = distinct if distinct.dim() == 2 else distinct.mean(-1)
+                sample_codes += float((distinct * real).sum())
+            for b, sid in enumerate(ids):
+                n = int(lengths[b])
+                codes_ae.update(map(_key, want[b, :n].tolist()))
+                refs[sid] = text(sample["target"][b])
+                codes_pred.update(map(_key, hyps[sid][1].view(-1, blocks).tolist()))
+                err = len(hyps[sid][1]) - n
+                len_err += err
+                len_abs += abs(err)
+                short += err < 0
+                n_sent += 1
+
+    order = sorted(hyps)
+    lang = task.cfg.target_lang
+    md = MosesDetokenizer(lang=lang)
+    if args.ref:
+        references = [line.rstrip("\n") for line in open(args.ref, encoding="utf-8")]
+        if len(references) != len(order):
+            sys.exit(f"diagnose.py: --ref has {len(references)} lines, {args.subset} {len(order)} sentences")
+    else:
+        references = [md.detokenize(refs[i].split()) for i in order]
+    bleu = BLEU()
+
+    def score(store):
+        return round(bleu.corpus_score([md.detokenize(store[i][0].split()) for i in order], [references]).score, 2)
+
+    report = {
+        "label": args.label, "path": args.path, "subset": args.subset, "sentences": n_sent,
+        "bleu": score(hyps), "bleu_oracle": score(hyps_oracle),
+        "lp_acc": round(lp_right / max(n_lat, 1), 4), "lp_end_acc": round(end_right / max(n_sent, 1), 4),
+        "len_err": round(len_err / max(n_sent, 1), 3), "len_abs_err": round(len_abs / max(n_sent, 1), 3),
+        "len_short": round(short / max(n_sent, 1), 4), "latents_per_sentence": round(n_lat / max(n_sent, 1), 2),
+        "codes_ae": len(codes_ae), "codes_pred": len(codes_pred), "num_codes": dec.num_codes,
+        "post_ent": round(post_ent / max(n_lat, 1), 4) if post_ent or getattr(dec.bottleneck, "assignment", None)
+        else None,
+        "sample_codes": round(sample_codes / max(n_lat, 1), 3) if soft else None,
+    }
+    print("| " + " | ".join(report) + " |")
+    print("|" + "---|" * len(report))
+    print("| " + " | ".join(str(v) for v in report.values()) + " |")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(report) + "\n")
+    return report
+
+
+def _key(code):
+    return tuple(code) if isinstance(code, list) else code
+
+
+if __name__ == "__main__":
+    main()

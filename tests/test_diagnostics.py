@@ -1,0 +1,112 @@
+"""Where BLEU is lost: teacher-forced (oracle-latent) decoding, the E-step posterior's entropy, the logged metrics."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_helpers import build_task_and_model, generate, hypotheses, make_copy_task, make_sample, preprocess, train
+from vq_nat.latent_generator import LatentGenerator
+from vq_nat.modules import VectorQuantizer
+
+
+def numpy_posterior_entropy(z, codebook, temperature):
+    """Mean over rows of H(softmax(-||z - e_j||^2 / T)) in nats."""
+    d = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
+    logits = -d / temperature
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(-1, keepdims=True)
+    return -(p * np.log(np.clip(p, 1e-300, None))).sum(-1)
+
+
+@pytest.mark.parametrize("assignment", ["hard", "soft"])
+def test_posterior_entropy_equals_numpy_and_ignores_padding(assignment):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_codes=7, dim=4, assignment=assignment, num_samples=5, temperature=3.0)
+    vq.eval()
+    z = torch.randn(2, 5, 4) * 0.7
+    pad = torch.tensor([[False] * 5, [False, False, True, True, True]])
+    out = vq(z, padding_mask=pad)
+    h = numpy_posterior_entropy(z.reshape(-1, 4).double().numpy(), vq.codebook.double().numpy(), 3.0)
+    real = (~pad).reshape(-1).numpy()
+    assert out.posterior_entropy.item() == pytest.approx(h[real].mean(), rel=1e-4)
+    assert 0.0 < out.posterior_entropy.item() < math.log(7)
+
+
+def test_posterior_entropy_rises_with_temperature_and_vanishes_as_it_goes_to_zero():
+    torch.manual_seed(1)
+    z = torch.randn(64, 8)
+    base = VectorQuantizer(num_codes=16, dim=8, assignment="soft", num_samples=10).eval()
+    hard_codes = base.nearest_codes(z)
+    entropies = []
+    for t in (1e-4, 0.3, 1.0, 3.0, 10.0, 100.0):
+        vq = VectorQuantizer(num_codes=16, dim=8, assignment="soft", num_samples=10, temperature=t).eval()
+        vq.embed.copy_(base.embed)
+        out = vq(z)
+        entropies.append(out.posterior_entropy.item())
+        if t == 1e-4:  # T -> 0: every one of the m samples is the nearest code, i.e. hard EM
+            assert torch.equal(out.codes, hard_codes.unsqueeze(-1).expand(-1, 10))
+    assert entropies[0] < 1e-6
+    assert all(a < b for a, b in zip(entropies, entropies[1:])), entropies
+    assert entropies[-1] == pytest.approx(math.log(16), rel=0.05)
+
+
+def test_criterion_logs_posterior_entropy_and_distinct_sample_codes(tmp_path):
+    task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "em", "--num-samples", "6",
+                                                                  "--soft-em-temperature", "1e6"])
+    sample = make_sample(task.target_dictionary, [3, 9, 17])
+    model.train()
+    _, _, log = criterion(model, sample)
+    q = model.decoder.bottleneck
+    # at an enormous temperature the posterior is uniform: entropy log K, the 6 samples nearly all distinct
+    assert log["post_ent"] / log["nreal_latents"] == pytest.approx(math.log(q.num_codes), rel=1e-3)
+    assert 4.0 < log["sample_codes"] / log["nreal_latents"] <= 6.0
+
+
+def test_teacher_forced_decoding_equals_decoding_the_reference_codes(tmp_path):
+    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "em", "--num-samples", "4"])
+    model.eval()
+    sample = make_sample(task.target_dictionary, [3, 8, 20, 1])
+    args = type("A", (), {"max_len_a": 0, "max_len_b": 50})()
+    task.cfg.oracle_latents = True
+    oracle = task.build_generator([model], args).generate([model], sample)
+    task.cfg.oracle_latents = False
+    dec = model.decoder
+    with torch.no_grad():
+        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+        codes, latent_pad = dec.reference_codes(sample["target"], enc)
+        z_e, _ = dec.encode_target(dec.pad_to_multiple(sample["target"]), enc)
+        tokens, _, pad_out, codes_out, _ = dec.generate(enc, 0, codes=codes, latent_pad=latent_pad)
+    assert torch.equal(codes, dec.bottleneck.nearest_codes(z_e))
+    assert torch.equal(codes_out, codes) and torch.equal(pad_out, latent_pad)
+    for i, h in enumerate(oracle):
+        n = int((~latent_pad[i]).sum())
+        assert n == (int(sample["target"][i].ne(task.target_dictionary.pad()).sum()) + 7) // 8
+        assert torch.equal(h[0]["latents"], codes[i, :n])
+        toks = h[0]["tokens"]
+        assert torch.equal(toks[:-1], tokens[i, : len(toks) - 1])
+    with pytest.raises(ValueError, match="npd-candidates"):
+        LatentGenerator(task.target_dictionary, npd_candidates=2, npd_teacher=object(), oracle_latents=True)
+
+
+def test_fairseq_generate_oracle_latents_and_the_diagnosis_script(tmp_path):
+    raw, dest, save = str(tmp_path / "raw"), str(tmp_path / "bin"), str(tmp_path / "ckpt")
+    make_copy_task(raw, n_train=200, n_valid=16, n_test=13)
+    preprocess(raw, dest)
+    train(dest, save, ["--bottleneck", "em", "--num-samples", "3", "--max-update", "4"])
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    out = generate(dest, ckpt, ["--oracle-latents", "--max-len-b", "40"])
+    assert sorted(hypotheses(out)) == list(range(13))
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import diagnose
+
+    report = diagnose.main([dest, "--path", ckpt, "--subset", "valid", "--cpu", "--max-len-b", "40"])
+    for key in ("bleu", "bleu_oracle", "lp_acc", "lp_end_acc", "len_err", "len_abs_err", "codes_ae",
+                "codes_pred", "post_ent", "sample_codes", "sentences"):
+        assert key in report, key
+    assert report["sentences"] == 16
+    assert 0.0 <= report["lp_acc"] <= 1.0 and report["len_abs_err"] >= abs(report["len_err"])
