@@ -301,3 +301,58 @@ def test_denoising_noise():
     assert torch.equal(dropped[:, 7:], tokens[:, 7:])
     assert ((dropped == tokens) | (dropped == 3)).all()
     assert 0 < (dropped == 3).sum() < 14
+
+
+def test_glancing_feeds_gold_at_ratio_times_errors_real_positions(tmp_path):
+    from fairseq_helpers import build_task_and_model
+
+    task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--glancing-ratio", "0.5",
+                                                                  "--dropout", "0"])
+    dec = model.decoder
+    model.train()
+    sample = make_sample(task, [3, 9, 17, 30])
+    target = sample["target"]
+    real = target.ne(task.target_dictionary.pad())
+    torch.manual_seed(3)
+    enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+    z_e, latent_pad = dec.encode_target(dec.pad_to_multiple(target), enc)
+    latents = dec.bottleneck.embed_codes(dec.bottleneck.nearest_codes(z_e))
+    mask = dec.glancing_mask(latents, latent_pad, enc, target)
+    with torch.no_grad():
+        logits = dec.decode(latents, latent_pad, enc, fused=False, length=target.size(1))
+    wrong = ((logits.argmax(-1) != target) & real).sum(1)
+    assert torch.equal(mask.sum(1), torch.ceil(0.5 * wrong.float()).long())
+    assert not (mask & ~real).any()
+    # the schedule is off while glancing: the logged masking is the share of non-gold inputs
+    _, _, log = criterion(model, sample)
+    assert 0.0 <= log["masking"] <= 1.0 and dec.masking() == 1.0
+
+
+@pytest.mark.parametrize("mode", ["stop", "flow"])
+def test_latent_input_gradient(tmp_path, mode):
+    from fairseq_helpers import build_task_and_model
+
+    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--latent-input-gradient", mode,
+                                                          "--dropout", "0"])
+    model.train()
+    sample = make_sample(task, [5, 11])
+    out = model(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], target=sample["target"])
+    lp = -(out["latent_targets"] * torch.log_softmax(out["latent_logits"], -1)).sum()
+    lp.backward()
+    grad = sum(float(p.grad.abs().sum()) for p in model.decoder.compressor.parameters() if p.grad is not None)
+    assert (grad == 0.0) == (mode == "stop")
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.latent_predictor.parameters())
+
+
+def test_a_budget_that_ends_before_the_latent_loss_starts_is_warned(tmp_path, caplog):
+    import logging
+
+    from fairseq_helpers import build_task_and_model
+
+    with caplog.at_level(logging.WARNING):
+        build_task_and_model(str(tmp_path), ["--mask-startup-steps", "500", "--max-update", "300"])
+    assert "latent predictor is never trained" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_task_and_model(str(tmp_path / "b"), ["--mask-startup-steps", "500", "--max-update", "3000"])
+    assert "never trained" not in caplog.text

@@ -14,6 +14,7 @@ Deliberate differences (documented in the README): padded positions are masked e
 the commitment loss, the EMA and the prior loss); the latent length is decided by an END symbol of the latent
 predictor instead of being fixed at 2x the source length; the decoder emits EOS within the decompressed span.
 """
+import logging
 import math
 from typing import Dict, Optional, Tuple
 
@@ -37,6 +38,8 @@ from ..modules.compression import Compressor, Decompressor
 from ..modules.weight_state import changed as weights_changed, derived, reuse, state_key
 from . import fused_inference
 from .latent_predictor import LatentPredictor, _unpack, causal_mask
+
+logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
 # logits computed at once when decoding (1M fp32 = 4 MB): rows per chunk = this // vocabulary size
@@ -130,6 +133,14 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         g.add_argument("--latent-loss-start", type=int, metavar="N",
                        help="the latent-predictor loss counts only after N updates (default: "
                             "--mask-startup-steps, as t2t)")
+        g.add_argument("--latent-input-gradient", choices=("stop", "flow"),
+                       help="stop: the latent-predictor loss trains the predictor only (t2t stops the gradient "
+                            "at its input latents); flow: it also trains the autoencoder through the "
+                            "straight-through latents")
+        g.add_argument("--glancing-ratio", type=float, metavar="R",
+                       help="adaptive glancing (GLAT, Qian et al. 2021) instead of the masking schedule: each "
+                            "update first decodes without gold inputs, then feeds gold target embeddings at "
+                            "R x (number of wrong tokens) random positions of each sentence (0 = off)")
         # fmt: on
 
     @classmethod
@@ -151,6 +162,13 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
             raise ValueError("the latent transformer needs --encoder-embed-dim == --decoder-embed-dim")
         encoder = TransformerEncoder(args, src_dict, enc_emb)
         decoder = LatentDecoder(args, tgt_dict, dec_emb)
+        max_update = getattr(args, "max_update", 0) or 0
+        if 0 < max_update <= decoder.latent_loss_start:
+            logger.warning(
+                "--max-update %d ends before the latent-predictor loss starts (after update %d: "
+                "--latent-loss-start, default --mask-startup-steps): the latent predictor is never trained and "
+                "decoding will be poor; lower --mask-startup-steps / --latent-loss-start or train longer",
+                max_update, decoder.latent_loss_start)
         return cls(args, encoder, decoder)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens=None, target=None, ae_input=None, **kwargs):
@@ -206,6 +224,8 @@ class LatentDecoder(FairseqDecoder):
             else args.mask_startup_steps
         )
         self.num_updates = 0
+        self.stop_latent_gradient = getattr(args, "latent_input_gradient", "flow") == "stop"
+        self.glancing_ratio = getattr(args, "glancing_ratio", 0.0) or 0.0
 
         self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
         self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
@@ -235,7 +255,25 @@ class LatentDecoder(FairseqDecoder):
         self.num_updates = num_updates
 
     def masking(self) -> float:
-        return masking_probability(self.num_updates, self.mask_startup_steps) if self.training else 1.0
+        if not self.training or self.glancing_ratio > 0:
+            return 1.0
+        return masking_probability(self.num_updates, self.mask_startup_steps)
+
+    @torch.no_grad()
+    def glancing_mask(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, target: Tensor) -> Tensor:
+        """GLAT's glancing sampler (Qian et al. 2021, eq.5-6) for the parallel decoder: decode once without gold
+        inputs, count each sentence's wrong tokens d(y, y_hat), and choose N = ceil(R * d) of its real positions
+        uniformly at random; returns the (B, T) mask of the positions whose gold embedding is fed."""
+        real = target.ne(self.padding_idx)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=False,
+                               length=target.size(1))
+        wrong = torch.zeros_like(real)
+        wrong[real] = self.output_layer(features[real]).argmax(-1) != target[real]
+        n = torch.ceil(self.glancing_ratio * wrong.sum(1).float()).long()  # (B,)
+        # the n smallest of i.i.d. uniform scores over the real positions are a uniform random n-subset
+        scores = torch.rand(target.shape, device=target.device).masked_fill(~real, 2.0)
+        rank = scores.argsort(1).argsort(1)
+        return (rank < n.unsqueeze(1)) & real
 
     def latent_loss_weight(self) -> float:
         """t2t gates the prior loss: it counts iff num_updates > latent_loss_start."""
@@ -261,17 +299,21 @@ class LatentDecoder(FairseqDecoder):
 
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
                masking: float = 1.0, features_only: bool = False, fused: bool = True,
-               length: Optional[int] = None, codes: Optional[Tensor] = None) -> Tensor:
+               length: Optional[int] = None, codes: Optional[Tensor] = None,
+               use_gold: Optional[Tensor] = None) -> Tensor:
         """Latents (B, L, H) -> token logits (B, T, V) in one parallel pass, T = L * 2^nc or ``length`` if
         smaller (``features_only``: the decoder states (B, T, H) before the output projection).
 
         Each decompressed position is replaced by the gold target embedding with probability 1 - masking
-        (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder. The decoder is causal,
+        (t2t: ``mask = masking < U``) or where ``use_gold`` (B, <= T) is True (glancing), then shifted right into
+        a causal transformer decoder. The decoder is causal,
         so positions past ``length`` (the batch's longest target, or the decoding budget) would not change the
         earlier ones: they are not computed. ``codes``: the codes ``latents`` embed (decoding, see ``decompress``)."""
         d, pad = self.decompress(latents, latent_pad, codes if fused else None)
-        if gold is not None and masking < 1.0:
+        if gold is not None and use_gold is None and masking < 1.0:
             use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
+        if gold is not None and use_gold is not None:
+            use_gold = F.pad(use_gold, (0, d.size(1) - use_gold.size(1)), value=False)
             d = torch.where(use_gold.unsqueeze(-1), self.embed(gold).to(d.dtype), d)
         x = torch.cat([d.new_zeros(d.size(0), 1, d.size(2)), d[:, :-1]], dim=1)  # shift right
         if length is not None and length < x.size(1):
@@ -337,11 +379,13 @@ class LatentDecoder(FairseqDecoder):
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
+        glance = None
+        if self.training and self.glancing_ratio > 0:
+            glance = self.glancing_mask(q.quantized, latent_pad, encoder_out, target)
         features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking(),
-                               features_only=True, length=target.size(1))
-        lp_logits = self.latent_predictor(
-            q.quantized.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad, encoder_out
-        )
+                               features_only=True, length=target.size(1), use_gold=glance)
+        lp_input = q.quantized.detach() if self.stop_latent_gradient else q.quantized
+        lp_logits = self.latent_predictor(lp_input.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad, encoder_out)
         return {
             # decoder states of the target positions (B, T, H); the criterion projects only the real tokens
             # onto the vocabulary (``output_layer``), never the padding
@@ -350,7 +394,8 @@ class LatentDecoder(FairseqDecoder):
             "latent_padding_mask": latent_pad,
             "latent_logits": lp_logits,
             "latent_targets": self.latent_targets(q.targets, latent_pad),
-            "masking": self.masking(),
+            "masking": self.masking() if glance is None
+            else 1.0 - float(glance.sum()) / max(int(target.ne(self.padding_idx).sum()), 1),
             "latent_loss_weight": self.latent_loss_weight(),
         }
 
@@ -488,6 +533,8 @@ def base_architecture(args):
         dead_code_threshold=0.0,
         mask_startup_steps=50000,
         latent_layers=None,
+        latent_input_gradient="flow",
+        glancing_ratio=0.0,
     )
     args.kmeans_init = getattr(args, "kmeans_init", False)
     args.ae_attend_source = getattr(args, "ae_attend_source", False)
