@@ -3,6 +3,8 @@
 
     python scripts/experiments.py table1 --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--max-update 1000]
     python scripts/experiments.py ablations --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--only K1024 m1 ...]
+    python scripts/experiments.py levers --data BIN [--distill DISTILL_BIN] --raw RAW --work DIR --subset valid \
+        --only base stop nc2 stop+glat ...           # one factor changed from LT em; diagnosed on valid
     python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300] [--reseed]
     python scripts/experiments.py report --work DIR          # tables (markdown) from what has run so far
 
@@ -125,6 +127,58 @@ def ablation_runs(only=None):
     if unknown:
         sys.exit(f"experiments.py: unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
     return [lt_run("em", distilled=True, **ABLATIONS[k]) for k in keys]
+
+
+LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=3, K=512, m=10, t2t masking over 400)
+    "base": [],
+    "stop": ["--latent-input-gradient", "stop"],  # t2t: the latent loss does not train the autoencoder
+    "flow": ["--latent-input-gradient", "flow"],
+    "nc1": ["--num-compress-steps", "1"],
+    "nc2": ["--num-compress-steps", "2"],
+    "K2048": ["--num-codes", "2048"],
+    "blocks2": ["--num-blocks", "2"],
+    "glat": ["--glancing-ratio", "0.5"],  # GLAT's glancing instead of the masking schedule
+    "ls": ["--label-smoothing", "0.1"],
+    "T10": ["--soft-em-temperature", "10"],
+    "vq": ["--bottleneck", "vq"],
+    "lp4": ["--latent-layers", "4"],
+}
+EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
+             '{"max_len_a": 1.2, "max_len_b": 10}']
+
+
+def lever_run(combo, distilled=False, seed=1):
+    """``combo``: lever keys joined by '+', e.g. 'stop+nc2' (later flags override earlier ones)."""
+    keys = combo.split("+")
+    unknown = [k for k in keys if k not in LEVERS]
+    if unknown:
+        sys.exit(f"experiments.py: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    base = lt_run("em", distilled=distilled, seed=seed)
+    extra = [a for k in keys for a in LEVERS[k]]
+    name = f"lever-{combo}-{'distill' if distilled else 'raw'}-s{seed}"
+    return Run(name, "lt", distilled, base.train_args + extra + EVAL_BLEU, {})
+
+
+def execute_levers(combos, args):
+    """Train each lever run and diagnose it on ``--subset`` (scripts/diagnose.py: BLEU with predicted and with
+    the autoencoder's own latents, predictor accuracy, latent-length error, posterior entropy)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import diagnose
+
+    results_path = os.path.join(args.work, "results.jsonl")
+    for combo in combos:
+        run = lever_run(combo, distilled=args.distill is not None, seed=args.seed)
+        data = args.distill or args.data
+        ckpt = train(run, args, data)
+        _, tgt = langs(data)
+        report = diagnose.main([data, "--path", ckpt, "--subset", args.subset, "--ref",
+                                os.path.join(args.raw, f"{args.subset}.{tgt}"), "--cpu"])
+        row = dict(table="levers", label=combo, run=run.name, updates=num_updates(ckpt),
+                   train_seconds=train_seconds(os.path.join(args.work, run.name)), kind="lt", **{
+                       k: v for k, v in report.items() if k not in ("label", "path")})
+        print("experiments.py: " + json.dumps(row), flush=True)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def robustness_runs(seeds, reseed=False):
@@ -362,7 +416,7 @@ def plot_robustness(args, reseed=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table1", "ablations", "robustness", "report"])
+    p.add_argument("what", choices=["table1", "ablations", "levers", "robustness", "report"])
     p.add_argument("--data", help="fairseq-preprocess directory (scripts/prepare-data.sh)")
     p.add_argument("--distill", help="distilled directory (scripts/distill.sh)")
     p.add_argument("--raw", help="raw text directory with the untokenized references <subset>.<tgt>")
@@ -373,6 +427,7 @@ def main(argv=None):
     p.add_argument("--subset", default="test", help="split to decode and score")
     p.add_argument("--only", nargs="*", help="table1: run names; ablations: keys such as K1024 m1 nc4")
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
+    p.add_argument("--seed", type=int, default=1, help="levers: the seed of the runs")
     p.add_argument("--no-decode", action="store_true", help="train only")
     p.add_argument("--reseed", action="store_true",
                    help="robustness: with dead-code re-seeding (threshold 0.1), as the table's runs; default off")
@@ -396,6 +451,10 @@ def main(argv=None):
                 sys.exit(f"experiments.py: unknown run(s) {missing}; choose from {list(by_name)}")
             runs = [by_name[n] for n in args.only]
         execute(runs, args, "table1")
+    elif args.what == "levers":
+        if args.subset == "test":
+            print("experiments.py: levers are chosen on valid; pass --subset valid", file=sys.stderr)
+        execute_levers(args.only or ["base"], args)
     elif args.what == "ablations":
         execute(ablation_runs(args.only), args, "ablations")
     else:

@@ -110,3 +110,44 @@ def test_fairseq_generate_oracle_latents_and_the_diagnosis_script(tmp_path):
         assert key in report, key
     assert report["sentences"] == 16
     assert 0.0 <= report["lp_acc"] <= 1.0 and report["len_abs_err"] >= abs(report["len_err"])
+
+
+def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_probabilities(tmp_path):
+    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0"])
+    model.eval()
+    sample = make_sample(task.target_dictionary, [3, 8, 20, 1, 13])
+    lp, emb = model.decoder.latent_predictor, model.decoder.bottleneck.embed_codes
+    with torch.no_grad():
+        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+        g_codes, g_pad, g_scores = lp.generate(enc, emb, 6, 5, fused=False)
+        b_codes, b_pad, b_scores = lp.beam_search(enc, emb, 6, 5, beam=1)
+        assert torch.equal(b_pad, g_pad) and torch.equal(b_codes.masked_fill(b_pad, 0), g_codes.masked_fill(g_pad, 0))
+        assert torch.allclose(b_scores, g_scores, atol=1e-5)
+
+        k = 4
+        codes, pad, scores = lp.beam_search(enc, emb, 6, 5, beam=k)
+        order = torch.arange(5).repeat_interleave(k)
+        from vq_nat.models.latent_predictor import _reorder
+
+        logits = lp(emb(codes).masked_fill(pad.unsqueeze(-1), 0.0), pad, _reorder(enc, order))[:, :, 0]
+        lprobs = torch.log_softmax(logits, -1)
+        lengths = (~pad).sum(1)
+        for r in range(codes.size(0)):
+            n = int(lengths[r])
+            want = sum(float(lprobs[r, j, codes[r, j]]) for j in range(n)) + float(lprobs[r, n, lp.end])
+            assert scores[r].item() == pytest.approx(want, abs=1e-4)
+        mean = (scores / (lengths + 1)).view(5, k)
+        assert (mean[:, :-1] >= mean[:, 1:] - 1e-6).all()  # best first
+        for s in range(5):  # k distinct sequences per sentence
+            seqs = {tuple(codes[s * k + j, : int(lengths[s * k + j])].tolist()) for j in range(k)}
+            assert len(seqs) == k
+
+    args = type("A", (), {"max_len_a": 0, "max_len_b": 50})()
+    task.cfg.latent_beam = 3
+    try:
+        hypos = task.build_generator([model], args).generate([model], sample)
+    finally:
+        task.cfg.latent_beam = 1
+    assert len(hypos) == 5 and all(h[0]["tokens"][-1] == task.target_dictionary.eos() for h in hypos)
+    with pytest.raises(ValueError, match="latent-beam"):
+        LatentGenerator(task.target_dictionary, npd_candidates=2, npd_teacher=object(), latent_beam=2)

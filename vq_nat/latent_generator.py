@@ -14,6 +14,10 @@ candidates are distinct): the teacher scores each distinct (sentence, candidate)
 runs fairseq's decoder layers through the fused path and projects only real positions onto the vocabulary.
 Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
 
+Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best latent sequences of the latent
+predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by latent score is decoded, or, with
+``npd_teacher``, all k are decoded in one parallel pass and the teacher picks as for NPD.
+
 Teacher-forced decoding (``oracle_latents``, ``--oracle-latents``): the latents are the autoencoder's own codes
 of the reference (``LatentDecoder.reference_codes``) instead of the predicted ones; the BLEU it gives bounds what
 a perfect latent predictor would reach (the y-axis of the paper's Figure 3).
@@ -32,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None, fused: bool = True, oracle_latents: bool = False):
+                 npd_teacher=None, fused: bool = True, oracle_latents: bool = False, latent_beam: int = 1):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if npd_candidates > 1 and npd_teacher is None:
@@ -41,8 +45,14 @@ class LatentGenerator:
         if oracle_latents and npd_candidates > 1:
             raise ValueError("--oracle-latents decodes the reference's own latents: it cannot be combined with "
                              "--npd-candidates")
+        if latent_beam < 1:
+            raise ValueError(f"--latent-beam must be >= 1, got {latent_beam}")
+        if latent_beam > 1 and (npd_candidates > 1 or oracle_latents):
+            raise ValueError("--latent-beam chooses the latents itself: it cannot be combined with "
+                             "--npd-candidates or --oracle-latents (pass --npd-teacher alone to rescore the beam)")
         self.npd_candidates = npd_candidates
         self.oracle_latents = oracle_latents
+        self.latent_beam = latent_beam
         self.fused = fused  # fused_inference: same results as fairseq's layer code, fewer ops
         self.teacher = npd_teacher
         self.tgt_dict = tgt_dict
@@ -86,10 +96,28 @@ class LatentGenerator:
             codes, latent_pad = model.decoder.reference_codes(sample["target"], encoder_out)
             given = dict(codes=codes, latent_pad=latent_pad)
             budget, limits = None, None  # the reference's own length
+        beam_scores = None
+        if self.latent_beam > 1:
+            b, beam = src_tokens.size(0), self.latent_beam
+            dec = model.decoder
+            max_latents = max(1, min(int(budget.max()), dec.latent_predictor.positions.size(0) - 2))
+            codes, latent_pad, beam_scores = dec.latent_predictor.beam_search(
+                encoder_out, dec.bottleneck.embed_codes, max_latents, b, beam)
+            if self.teacher is None:  # chosen by latent score: each sentence's best sequence
+                first = torch.arange(b, device=codes.device) * beam
+                codes, latent_pad, beam_scores = codes[first], latent_pad[first], beam_scores[first]
+            else:  # all of them decoded in one pass (B * beam rows), the teacher picks (as with NPD)
+                k = beam
+                order = torch.arange(b, device=codes.device).repeat_interleave(k)
+                encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+                limits, budget = limits[order], budget[order]
+            given = dict(codes=codes, latent_pad=latent_pad)
         tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
             encoder_out, int(limits.max()) if limits is not None else 0, latent_budget=budget,
             sample=sample_rows, token_budget=limits, fused=self.fused, **given,
         )
+        if beam_scores is not None:
+            latent_scores = beam_scores
         # each hypothesis ends at its first EOS (kept), else at the end of its span (EOS appended)
         spans = tokens.ne(self.pad).sum(1)  # the decoder fills each span (latents x 2^nc, <= limit)
         is_eos = tokens.eq(self.eos)

@@ -143,6 +143,69 @@ class LatentPredictor(nn.Module):
         return codes, padding_mask, scores
 
 
+    @torch.no_grad()
+    def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The ``beam`` best latent sequences of every sentence (beam search, one code per position, END ends a
+        sequence; ranked by the mean log-probability of their codes and END, as fairseq's length penalty 1).
+
+        Each step re-runs the teacher-forced ``forward`` on the prefixes (latent sequences are a few positions
+        long). Returns codes (B * beam, L), their padding mask and scores (B * beam,), sentence-major with each
+        sentence's best sequence first. ``beam`` = 1 is greedy decoding (``generate``).
+        """
+        if self.num_blocks != 1:
+            raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
+        device = self.start.device
+        k, n_sym = beam, self.num_codes + 1
+        rows = batch_size * k
+        order = torch.arange(batch_size, device=device).repeat_interleave(k)
+        enc = _reorder(encoder_out, order)
+        codes = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        scores = torch.zeros(batch_size, k, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start equal: only the first one is expanded at step 0
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)  # latents before END (final when done)
+        for t in range(max_latents + 1):
+            pad = torch.zeros(rows, t, dtype=torch.bool, device=device)
+            latents = embed_codes(codes.clamp(max=self.num_codes - 1)).to(self.start.dtype)
+            logits = self.forward(latents, pad, enc)[:, t, 0]  # (rows, K + 1): the next symbol
+            lprobs = F.log_softmax(logits.float(), dim=-1)
+            if t == 0:
+                lprobs[:, self.end] = float("-inf")  # every target has >= 1 latent
+            if t == max_latents:  # out of budget: END is forced
+                lprobs[:, : self.end] = float("-inf")
+            # finished sequences continue with END only, at no cost
+            lprobs = torch.where(done.unsqueeze(1), torch.full_like(lprobs, float("-inf")), lprobs)
+            lprobs[done, self.end] = 0.0
+            total = (scores.view(-1, 1) + lprobs).view(batch_size, k * n_sym)
+            scores, flat = total.topk(k, dim=1)  # (B, k)
+            src = (flat // n_sym + torch.arange(batch_size, device=device).unsqueeze(1) * k).view(-1)
+            sym = (flat % n_sym).view(-1)
+            codes = torch.cat([codes[src], sym.unsqueeze(1)], dim=1)
+            was_done = done[src]
+            lengths = torch.where(was_done, lengths[src], lengths[src] + (sym != self.end).long())
+            done = was_done | (sym == self.end)
+            if bool(done.all()):
+                break
+        # rank by mean log-probability per symbol (codes + END)
+        mean = (scores.view(-1) / (lengths + 1).float()).view(batch_size, k)
+        mean, rank = mean.sort(dim=1, descending=True)
+        pick = (rank + torch.arange(batch_size, device=device).unsqueeze(1) * k).view(-1)
+        codes, lengths = codes[pick], lengths[pick]
+        width = max(1, int(lengths.max()))
+        codes = codes[:, :width].clamp(max=self.num_codes - 1)
+        if codes.size(1) < width:
+            codes = F.pad(codes, (0, width - codes.size(1)))
+        padding_mask = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
+        return codes.masked_fill(padding_mask, 0), padding_mask, scores.view(-1)[pick]
+
+
+def _reorder(encoder_out: Dict, order: Tensor) -> Dict:
+    enc, mask = _unpack(encoder_out)
+    return {"encoder_out": [enc.index_select(1, order)],
+            "encoder_padding_mask": [] if mask is None else [mask.index_select(0, order)]}
+
+
 def _unpack(encoder_out: Dict) -> Tuple[Tensor, Optional[Tensor]]:
     enc = encoder_out["encoder_out"][0]
     masks = encoder_out.get("encoder_padding_mask", [])

@@ -35,6 +35,10 @@ class LatentTranslationConfig(TranslationConfig):
         default=False, metadata={"help": "decode through fairseq's own layer code instead of the fused inference "
                                          "path (vq_nat/models/fused_inference.py; same results, slower)"}
     )
+    latent_beam: int = field(
+        default=1, metadata={"help": "beam search over latent sequences: decode the best of the k best by latent "
+                                     "score, or with --npd-teacher all k in one parallel pass, the teacher picking"}
+    )
     oracle_latents: bool = field(
         default=False, metadata={"help": "teacher-forced decoding: decode the autoencoder's own latents of the "
                                          "reference instead of the predicted ones (an upper bound on what a "
@@ -76,6 +80,7 @@ class LatentTranslationTask(TranslationTask):
             npd_teacher=teacher,
             fused=not self.cfg.no_fused_inference,
             oracle_latents=self.cfg.oracle_latents,
+            latent_beam=self.cfg.latent_beam,
         )
 
     def load_npd_teacher(self, path, models):
