@@ -151,3 +151,18 @@ def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_prob
     assert len(hypos) == 5 and all(h[0]["tokens"][-1] == task.target_dictionary.eos() for h in hypos)
     with pytest.raises(ValueError, match="latent-beam"):
         LatentGenerator(task.target_dictionary, npd_candidates=2, npd_teacher=object(), latent_beam=2)
+
+
+def test_validation_logs_oracle_bleu_and_posterior_entropy(tmp_path, caplog):
+    import logging
+
+    raw, dest, save = str(tmp_path / "raw"), str(tmp_path / "bin"), str(tmp_path / "ckpt")
+    make_copy_task(raw, n_train=100, n_valid=12, n_test=4)
+    preprocess(raw, dest)
+    caplog.set_level(logging.INFO)
+    train(dest, save, ["--bottleneck", "em", "--num-samples", "3", "--max-update", "2", "--eval-bleu",
+                       "--eval-bleu-args", '{"max_len_b": 30}'])
+    valid = [r.getMessage() for r in caplog.records if "valid on" in r.getMessage()]
+    assert valid, caplog.text[-2000:]
+    for key in ("bleu_oracle", "bleu", "post_ent", "sample_codes", "lp_acc"):
+        assert f"| {key} " in valid[-1], (key, valid[-1])

@@ -98,6 +98,51 @@ class LatentTranslationTask(TranslationTask):
             teacher.to(device=p.device, dtype=p.dtype)
         return teacher.eval()
 
+    def valid_step(self, sample, model, criterion):
+        """fairseq's validation (``--eval-bleu``: BLEU of ordinary decoding as ``bleu``), plus, for a latent
+        transformer, the BLEU of teacher-forced decoding with the autoencoder's own latents as ``bleu_oracle``."""
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if self.cfg.eval_bleu and hasattr(getattr(model, "decoder", None), "reference_codes"):
+            oracle = LatentGenerator(self.target_dictionary, max_len_a=self.sequence_generator.max_len_a,
+                                     max_len_b=self.sequence_generator.max_len_b, oracle_latents=True,
+                                     fused=False)
+            bleu = self._inference_with_bleu(oracle, sample, model)
+            logging_output["_oracle_bleu_sys_len"] = bleu.sys_len
+            logging_output["_oracle_bleu_ref_len"] = bleu.ref_len
+            for i, (c, t) in enumerate(zip(bleu.counts, bleu.totals)):
+                logging_output[f"_oracle_bleu_counts_{i}"] = c
+                logging_output[f"_oracle_bleu_totals_{i}"] = t
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if not any("_oracle_bleu_sys_len" in log for log in logging_outputs):
+            return
+        import numpy as np
+        from fairseq import metrics
+        from sacrebleu.metrics import BLEU
+
+        def total(key):
+            return sum(float(log.get(key, 0)) for log in logging_outputs)
+
+        order = sum(1 for k in logging_outputs[0] if k.startswith("_oracle_bleu_counts_"))
+        counts = np.array([total(f"_oracle_bleu_counts_{i}") for i in range(order)])
+        totals = np.array([total(f"_oracle_bleu_totals_{i}") for i in range(order)])
+        if totals.max() <= 0:
+            return
+        metrics.log_scalar("_oracle_bleu_counts", counts)
+        metrics.log_scalar("_oracle_bleu_totals", totals)
+        metrics.log_scalar("_oracle_bleu_sys_len", total("_oracle_bleu_sys_len"))
+        metrics.log_scalar("_oracle_bleu_ref_len", total("_oracle_bleu_ref_len"))
+
+        def compute(meters):
+            return round(BLEU.compute_bleu(
+                correct=meters["_oracle_bleu_counts"].sum, total=meters["_oracle_bleu_totals"].sum,
+                sys_len=int(meters["_oracle_bleu_sys_len"].sum), ref_len=int(meters["_oracle_bleu_ref_len"].sum),
+                smooth_method="exp").score, 2)
+
+        metrics.log_derived("bleu_oracle", compute)
+
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         with torch.no_grad():
             return generator.generate(models, sample, prefix_tokens=prefix_tokens, constraints=constraints)
