@@ -166,3 +166,25 @@ def test_validation_logs_oracle_bleu_and_posterior_entropy(tmp_path, caplog):
     assert valid, caplog.text[-2000:]
     for key in ("bleu_oracle", "bleu", "post_ent", "sample_codes", "lp_acc"):
         assert f"| {key} " in valid[-1], (key, valid[-1])
+
+
+def test_generate_rejects_a_plain_transformer_and_warns_about_beam(tmp_path, caplog):
+    import logging
+
+    raw, dest = str(tmp_path / "raw"), str(tmp_path / "bin")
+    make_copy_task(raw, n_train=100, n_valid=8, n_test=5)
+    preprocess(raw, dest)
+    ar = str(tmp_path / "ar")
+    train(dest, ar, ["--task", "translation", "--arch", "transformer", "--criterion", "cross_entropy",
+                     "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16",
+                     "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16", "--decoder-ffn-embed-dim", "16",
+                     "--max-update", "1"], arch_flags=[])
+    with pytest.raises(ValueError, match="needs a latent_transformer checkpoint; this one is transformer"):
+        generate(dest, os.path.join(ar, "checkpoint_last.pt"))
+    lt = str(tmp_path / "lt")
+    train(dest, lt, ["--bottleneck", "vq", "--max-update", "1"])
+    caplog.set_level(logging.WARNING)
+    out = generate(dest, os.path.join(lt, "checkpoint_last.pt"), ["--beam", "4", "--nbest", "3"])
+    assert "--beam 4 / --nbest 3 are ignored" in caplog.text
+    assert "with beam=1" in out and "beam=4" not in out
+    assert sorted(hypotheses(out)) == list(range(5))

@@ -5,6 +5,7 @@ Unlike fairseq's ``translation_lev`` it keeps ``FairseqTask.train_step``, which 
 ``model.set_num_updates(update_num)``: the warm-up schedules see the absolute update number (also after a
 resume, since fairseq seeds every update with seed + num_updates, the noise and soft-EM samples replay too).
 """
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,9 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..latent_generator import LatentGenerator
 from ..modules.denoising import word_dropout, word_shuffle
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,22 @@ class LatentTranslationTask(TranslationTask):
         return super().train_step(self.add_noise(sample), model, criterion, optimizer, update_num, ignore_grad)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        for model in models:
+            if not hasattr(model, "encode_source"):
+                arch = getattr(getattr(model, "args", None), "arch", None) or type(model).__name__
+                raise ValueError(f"--task latent_translation needs a latent_transformer checkpoint; this one is "
+                                 f"{arch} (decode it with its own task, e.g. --task translation)")
+        beam, nbest = getattr(args, "beam", 1) or 1, getattr(args, "nbest", 1) or 1
+        if beam > 1 or nbest > 1:
+            logger.warning("the latent transformer decodes one hypothesis per sentence: --beam %d / --nbest %d are "
+                           "ignored (--latent-beam K searches over latent sequences)", beam, nbest)
+            try:  # so that fairseq-generate's summary line does not claim a beam
+                from omegaconf import open_dict
+
+                with open_dict(args):
+                    args.beam, args.nbest = 1, 1
+            except Exception:  # an argparse Namespace or a read-only config: the warning stands
+                pass
         teacher = None
         if self.cfg.npd_teacher:
             teacher = self.load_npd_teacher(self.cfg.npd_teacher, models)
