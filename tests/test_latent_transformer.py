@@ -356,3 +356,8 @@ def test_a_budget_that_ends_before_the_latent_loss_starts_is_warned(tmp_path, ca
     with caplog.at_level(logging.WARNING):
         build_task_and_model(str(tmp_path / "b"), ["--mask-startup-steps", "500", "--max-update", "3000"])
     assert "never trained" not in caplog.text
+    # the tiny preset's own defaults train the latent predictor within a 1,000-update budget
+    with caplog.at_level(logging.WARNING):
+        _, model, _ = build_task_and_model(str(tmp_path / "c"), ["--max-update", "1000"])
+    assert "never trained" not in caplog.text
+    assert model.decoder.latent_loss_start <= 400 and model.decoder.mask_startup_steps <= 400
