@@ -361,3 +361,27 @@ def test_a_budget_that_ends_before_the_latent_loss_starts_is_warned(tmp_path, ca
         _, model, _ = build_task_and_model(str(tmp_path / "c"), ["--max-update", "1000"])
     assert "never trained" not in caplog.text
     assert model.decoder.latent_loss_start <= 400 and model.decoder.mask_startup_steps <= 400
+
+
+def test_decoder_without_source_attention_ignores_the_source(tmp_path):
+    from fairseq_helpers import build_task_and_model
+
+    task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "vq",
+                                                                  "--no-decoder-source-attention", "--dropout", "0"])
+    model.eval()
+    assert all(layer.encoder_attn is None for layer in model.decoder.layers)
+    sample = make_sample(task, [4, 9])
+    with torch.no_grad():
+        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+        other = {**enc, "encoder_out": [torch.randn_like(enc["encoder_out"][0])]}
+        lat = model.decoder.bottleneck.embed_codes(torch.tensor([[1, 2], [3, 4]]))
+        pad = torch.zeros(2, 2, dtype=torch.bool)
+        for fused in (True, False):
+            a = model.decoder.decode(lat, pad, enc, fused=fused)
+            b = model.decoder.decode(lat, pad, other, fused=fused)
+            torch.testing.assert_close(a, b)
+    model.train()
+    loss, _, _ = criterion(model, sample)
+    assert torch.isfinite(loss)
+    hyps = task.build_generator([model], type("A", (), {"max_len_a": 0, "max_len_b": 30})()).generate([model], sample)
+    assert len(hyps) == 2

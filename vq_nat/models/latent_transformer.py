@@ -130,6 +130,9 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         g.add_argument("--mask-startup-steps", type=int, metavar="N",
                        help="decoder-input warm-up: gold target embeddings are replaced by decompressed "
                             "latents over the first N updates (t2t mask_startup_steps)")
+        g.add_argument("--no-decoder-source-attention", action="store_true",
+                       help="the parallel decoder does not attend to the source: it reconstructs the target from "
+                            "the latents alone, so the latents must carry the translation (beyond the paper)")
         g.add_argument("--latent-loss-start", type=int, metavar="N",
                        help="the latent-predictor loss counts only after N updates (default: "
                             "--mask-startup-steps, as t2t)")
@@ -242,7 +245,9 @@ class LatentDecoder(FairseqDecoder):
             SinusoidalPositionalEmbedding.get_embedding(max_latents * self.factor + 2, dim, None),
             persistent=False,
         )
-        self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(args.decoder_layers))
+        no_source = getattr(args, "no_decoder_source_attention", False)
+        self.layers = nn.ModuleList(TransformerDecoderLayer(args, no_encoder_attn=no_source)
+                                    for _ in range(args.decoder_layers))
         self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
         if args.share_decoder_input_output_embed:
             self.output_projection = None
@@ -538,6 +543,7 @@ def base_architecture(args):
     )
     args.kmeans_init = getattr(args, "kmeans_init", False)
     args.ae_attend_source = getattr(args, "ae_attend_source", False)
+    args.no_decoder_source_attention = getattr(args, "no_decoder_source_attention", False)
     args.latent_loss_start = getattr(args, "latent_loss_start", None)
     args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
     args.max_source_positions = getattr(args, "max_source_positions", None) or 1024
