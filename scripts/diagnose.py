@@ -12,6 +12,9 @@ On every sentence of ``--subset`` it measures:
   len_err        mean (predicted - reference) number of latents of greedy decoding; len_abs_err its mean |.|;
                  len_short  the share of sentences given fewer latents than the reference needs
   codes_ae       distinct codes the autoencoder uses for the references; codes_pred  the predictor uses
+  ze_spread      how distinct the encoder outputs z_e of the reference latents are: mean ||z_e - mean z_e||^2 over
+                 mean ||z_e||^2 (0: every latent is the same vector, the autoencoder carries nothing; 1: no
+                 common component at all)
   post_ent       mean entropy (nats) of the E-step posterior over codes at the reference latents (0: one-hot,
                  soft EM is then hard EM); sample_codes  mean distinct codes among soft EM's m samples
 BLEU is computed on detokenized (sacremoses), BPE-removed output against ``--ref`` (the raw references, one per
@@ -74,6 +77,7 @@ def main(argv=None):
     n_lat = n_sent = lp_right = end_right = short = 0
     len_err = len_abs = 0.0
     post_ent = sample_codes = 0.0
+    z_sum, z_sq, z_n = 0.0, 0.0, 0
     codes_ae, codes_pred = set(), set()
 
     def text(tokens):
@@ -100,7 +104,10 @@ def main(argv=None):
             end_right += int((pred[torch.arange(len(ids)), lengths, 0] == dec.latent_predictor.end).sum())
             n_lat += int(lengths.sum())
             # the E-step posterior at the reference latents (evaluation mode: no codebook update)
-            q = dec.bottleneck(dec.encode_target(dec.pad_to_multiple(sample["target"]), enc)[0], padding_mask=pad)
+            z_e = dec.encode_target(dec.pad_to_multiple(sample["target"]), enc)[0]
+            z_real = z_e[real].double()
+            z_sum, z_sq, z_n = z_sum + z_real.sum(0), z_sq + float((z_real ** 2).sum()), z_n + z_real.size(0)
+            q = dec.bottleneck(z_e, padding_mask=pad)
             if q.posterior_entropy is not None:
                 post_ent += float(q.posterior_entropy) * int(lengths.sum())
             if soft:
@@ -139,6 +146,8 @@ def main(argv=None):
         "lp_acc": round(lp_right / max(n_lat, 1), 4), "lp_end_acc": round(end_right / max(n_sent, 1), 4),
         "len_err": round(len_err / max(n_sent, 1), 3), "len_abs_err": round(len_abs / max(n_sent, 1), 3),
         "len_short": round(short / max(n_sent, 1), 4), "latents_per_sentence": round(n_lat / max(n_sent, 1), 2),
+        "ze_spread": round(1.0 - float((z_sum / max(z_n, 1)).pow(2).sum()) / max(z_sq / max(z_n, 1), 1e-12), 4)
+        if z_n else None,
         "codes_ae": len(codes_ae), "codes_pred": len(codes_pred), "num_codes": dec.num_codes,
         "post_ent": round(post_ent / max(n_lat, 1), 4) if post_ent or getattr(dec.bottleneck, "assignment", None)
         else None,
