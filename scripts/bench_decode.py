@@ -155,6 +155,13 @@ def main(argv=None):
                 rs = ratios[(name, bs)]
                 print(f"ratio batch{bs}: {name} / LT = {statistics.median(rs):.2f} (median of {len(rs)} rounds; "
                       f"min {min(rs):.2f}, max {max(rs):.2f})")
+    if "LT unfused" in runners:  # like for like: both models through fairseq's own layer code
+        for bs in args.batch_sizes:
+            for name in runners:
+                if name.startswith("AR"):
+                    rs = [a / u for a, u in zip(ratios[(name, bs)], ratios[("LT unfused", bs)])]
+                    print(f"like-for-like batch{bs}: {name} / LT unfused = {statistics.median(rs):.2f} (median of "
+                          f"{len(rs)} rounds; min {min(rs):.2f}, max {max(rs):.2f})")
     speed = " ".join(f"batch{bs}={statistics.median(ratios[('AR greedy', bs)]):.2f}"
                      for bs in args.batch_sizes if ("AR greedy", bs) in ratios)
     print(f"speedup {speed}")

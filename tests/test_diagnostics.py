@@ -189,3 +189,19 @@ def test_generate_rejects_a_plain_transformer_and_warns_about_beam(tmp_path, cap
     assert "--beam 4 / --nbest 3 are ignored" in caplog.text
     assert "with beam=1" in out and "beam=4" not in out
     assert sorted(hypotheses(out)) == list(range(5))
+
+
+def test_generate_without_the_latent_task_names_the_task_to_use(tmp_path):
+    from fairseq import options
+    from fairseq_cli import generate as generate_cli
+
+    from fairseq_helpers import USER_DIR
+
+    raw, dest, save = str(tmp_path / "raw"), str(tmp_path / "bin"), str(tmp_path / "ckpt")
+    make_copy_task(raw, n_train=100, n_valid=8, n_test=5)
+    preprocess(raw, dest)
+    train(dest, save, ["--bottleneck", "vq", "--max-update", "1"])
+    args = options.parse_args_and_arch(options.get_generation_parser(), [
+        dest, "--user-dir", USER_DIR, "--path", os.path.join(save, "checkpoint_last.pt"), "--cpu"])
+    with pytest.raises(ValueError, match="pass --task latent_translation"):
+        generate_cli.main(args)

@@ -130,6 +130,7 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
            "--max-sentences", "4", "--batch-sizes", "1", "4", "--ar-beams", "1", "--unfused", "--cpu")
     assert re.fullmatch(r"speedup batch1=\d+\.\d\d batch4=\d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
     assert "ratio batch1: LT unfused / LT" in p.stdout
+    assert "like-for-like batch1: AR greedy / LT unfused = " in p.stdout
     tiny = ("--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
             "--encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2")
     p = py("scripts/bench_train.py", data_bin, "--steps", "1", "--repeats", "1", "--max-tokens", "300",

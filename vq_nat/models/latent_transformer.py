@@ -180,7 +180,7 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         if target is None:
             raise ValueError("LatentTransformerModel.forward needs the target (use the latent_vq criterion)")
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
-        return self.decoder(target, encoder_out, ae_input=ae_input)
+        return self.decoder(target, encoder_out, ae_input=ae_input, autoencode=True)
 
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
@@ -379,7 +379,11 @@ class LatentDecoder(FairseqDecoder):
         return F.linear(features, weight)
 
     # ---------------------------------------------------------------- training forward
-    def forward(self, target: Tensor, encoder_out: Dict, ae_input: Optional[Tensor] = None):
+    def forward(self, target: Tensor, encoder_out: Dict, ae_input: Optional[Tensor] = None, autoencode: bool = False,
+                **kwargs):
+        if not autoencode:  # fairseq's SequenceGenerator calls decoder(prev_output_tokens, encoder_out=...)
+            raise ValueError("a latent_transformer decodes through its own non-autoregressive generator: pass "
+                             "--task latent_translation (and --user-dir vq_nat) to fairseq-generate / -interactive")
         tgt = self.pad_to_multiple(target)
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
