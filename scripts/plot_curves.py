@@ -66,7 +66,8 @@ def main(argv=None):
         axes[0].plot(u, bleu, marker=".", label=label)
         axes[1].plot([s * args.cores / 3600 for s in secs], bleu, marker=".", label=label)
     axes[0].set(xlabel="training updates", ylabel="BLEU", title=args.title)
-    axes[1].set(xlabel=f"CPU hours of training ({args.cores:g} cores)", title=args.title)
+    axes[1].set(xlabel=f"CPU hours of training ({args.cores:g} core{'' if args.cores == 1 else 's'} per run)",
+                title=args.title)
     axes[0].grid(alpha=0.3)
     axes[1].grid(alpha=0.3)
     axes[0].legend(fontsize=8)

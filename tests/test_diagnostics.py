@@ -205,3 +205,25 @@ def test_generate_without_the_latent_task_names_the_task_to_use(tmp_path):
         dest, "--user-dir", USER_DIR, "--path", os.path.join(save, "checkpoint_last.pt"), "--cpu"])
     with pytest.raises(ValueError, match="pass --task latent_translation"):
         generate_cli.main(args)
+
+
+def test_plot_curves_reads_fairseq_json_logs(tmp_path, capsys):
+    import json
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import plot_curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = ["[config dump]", json.dumps({"num_updates": "50", "train_wall": "10"}),
+             json.dumps({"num_updates": "100", "train_wall": "12"}),
+             json.dumps({"valid_num_updates": "100", "valid_bleu": "3.5"}),
+             json.dumps({"num_updates": "150", "train_wall": "11"}),
+             json.dumps({"valid_num_updates": "150", "valid_bleu": "4.25"})]
+    (run / "train.log").write_text("\n".join(lines) + "\n")
+    assert plot_curves.curve(str(run / "train.log")) == [(100, 22.0, 3.5), (150, 33.0, 4.25)]
+    out = str(tmp_path / "c.png")
+    plot_curves.main(["--run", f"x={run}", "--out", out])
+    assert os.path.getsize(out) > 0 and "| x | 150 | 33 | 4.25 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no train.log"):
+        plot_curves.main(["--run", f"y={tmp_path}", "--out", out])
