@@ -28,8 +28,6 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,30 +42,17 @@ def main(argv=None):
     p.add_argument("--label", default="", help="stored with the JSON line")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
-    for path, what in ((args.data, "directory"), (args.path, "checkpoint")):
-        if not os.path.exists(path):
-            sys.exit(f"diagnose.py: no such {what}: {path}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dump_latents import load_checkpoint
 
-    sys.path.insert(0, ROOT)
-    import vq_nat  # noqa: F401  (registers the plugin)
-    from fairseq import checkpoint_utils, utils
+    model, task, itr, use_cuda = load_checkpoint(args, "diagnose.py")
+    from fairseq import utils
     from sacrebleu.metrics import BLEU
     from sacremoses import MosesDetokenizer
 
     from vq_nat.latent_generator import LatentGenerator
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
-    model = models[0].eval()
-    dec = getattr(model, "decoder", None)
-    if not hasattr(dec, "reference_codes"):
-        sys.exit(f"diagnose.py: {args.path} is not a latent_transformer checkpoint")
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    if use_cuda:
-        model.cuda()
-    task.load_dataset(args.subset)
-    itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
-                                  required_batch_size_multiple=1, disable_iterator_cache=True
-                                  ).next_epoch_itr(shuffle=False)
+    dec = model.decoder
     tgt_dict = task.target_dictionary
     greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b)
     oracle = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, oracle_latents=True)

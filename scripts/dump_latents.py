@@ -26,6 +26,31 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_checkpoint(args, prog):
+    """(model in eval mode, task, batch iterator over ``args.subset``, on GPU?) for a latent_transformer checkpoint
+    ``args.path`` trained on ``args.data``; exits with a clear message on a missing path or another model."""
+    if not os.path.isdir(args.data):
+        sys.exit(f"{prog}: no such directory: {args.data}")
+    if not os.path.isfile(args.path):
+        sys.exit(f"{prog}: no such checkpoint: {args.path}")
+    sys.path.insert(0, ROOT)
+    import vq_nat  # noqa: F401  (registers the plugin)
+    from fairseq import checkpoint_utils
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
+    model = models[0].eval()
+    if not hasattr(getattr(model, "decoder", None), "reference_codes"):
+        sys.exit(f"{prog}: {args.path} is not a latent_transformer checkpoint")
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        model.cuda()
+    task.load_dataset(args.subset)
+    itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
+                                  required_batch_size_multiple=1, disable_iterator_cache=True
+                                  ).next_epoch_itr(shuffle=False)
+    return model, task, itr, use_cuda
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq-preprocess directory the model was trained on")
@@ -36,27 +61,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.data):
-        sys.exit(f"dump_latents.py: no such directory: {args.data}")
-    if not os.path.isfile(args.path):
-        sys.exit(f"dump_latents.py: no such checkpoint: {args.path}")
+    model, task, itr, use_cuda = load_checkpoint(args, "dump_latents.py")
+    from fairseq import utils
 
-    sys.path.insert(0, ROOT)
-    import vq_nat  # noqa: F401  (registers the plugin)
-    from fairseq import checkpoint_utils, utils
-
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
-    model = models[0].eval()
-    dec = getattr(model, "decoder", None)
-    if not hasattr(dec, "bottleneck") or not hasattr(dec.bottleneck, "nearest_codes"):
+    dec = model.decoder
+    if not hasattr(dec.bottleneck, "nearest_codes"):
         sys.exit("dump_latents.py: the checkpoint is not a latent_transformer with a vq/em bottleneck")
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    if use_cuda:
-        model.cuda()
-    task.load_dataset(args.subset)
-    itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
-                                  required_batch_size_multiple=1, disable_iterator_cache=True
-                                  ).next_epoch_itr(shuffle=False)
     src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
     k, factor = dec.num_codes, dec.factor
     usage, eos_usage = collections.Counter(), collections.Counter()
