@@ -51,6 +51,7 @@ def main(argv=None):
     from sacremoses import MosesDetokenizer
 
     from vq_nat.latent_generator import LatentGenerator
+    from vq_nat.modules import distinct_samples
 
     dec = model.decoder
     tgt_dict = task.target_dictionary
@@ -63,6 +64,7 @@ def main(argv=None):
     len_err = len_abs = 0.0
     post_ent = sample_codes = 0.0
     z_sum, z_sq, z_n = 0.0, 0.0, 0
+    has_posterior = False
     codes_ae, codes_pred = set(), set()
 
     def text(tokens):
@@ -93,11 +95,11 @@ def main(argv=None):
             z_real = z_e[real].double()
             z_sum, z_sq, z_n = z_sum + z_real.sum(0), z_sq + float((z_real ** 2).sum()), z_n + z_real.size(0)
             q = dec.bottleneck(z_e, padding_mask=pad)
-            if q.posterior_entropy is not None:
+            has_posterior = q.posterior_entropy is not None
+            if has_posterior:
                 post_ent += float(q.posterior_entropy) * int(lengths.sum())
             if soft:
-                drawn = q.codes.sort(-1).values
-                distinct = (1 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1)).float()
+                distinct = distinct_samples(q.codes)
                 distinct = distinct if distinct.dim() == 2 else distinct.mean(-1)
                 sample_codes += float((distinct * real).sum())
             for b, sid in enumerate(ids):
@@ -134,8 +136,7 @@ def main(argv=None):
         "ze_spread": round(1.0 - float((z_sum / max(z_n, 1)).pow(2).sum()) / max(z_sq / max(z_n, 1), 1e-12), 4)
         if z_n else None,
         "codes_ae": len(codes_ae), "codes_pred": len(codes_pred), "num_codes": dec.num_codes,
-        "post_ent": round(post_ent / max(n_lat, 1), 4) if post_ent or getattr(dec.bottleneck, "assignment", None)
-        else None,
+        "post_ent": round(post_ent / max(n_lat, 1), 4) if has_posterior else None,
         "sample_codes": round(sample_codes / max(n_lat, 1), 3) if soft else None,
     }
     print("| " + " | ".join(report) + " |")

@@ -227,3 +227,11 @@ def test_plot_curves_reads_fairseq_json_logs(tmp_path, capsys):
     assert os.path.getsize(out) > 0 and "| x | 150 | 33 | 4.25 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no train.log"):
         plot_curves.main(["--run", f"y={tmp_path}", "--out", out])
+
+
+def test_distinct_samples_counts_distinct_codes_per_position():
+    from vq_nat.modules import distinct_samples
+
+    codes = torch.tensor([[[3, 3, 3, 3], [1, 2, 1, 5]], [[0, 1, 2, 3], [7, 7, 2, 7]]])
+    want = np.array([[len(set(row)) for row in pos] for pos in codes.tolist()], dtype=np.float32)
+    np.testing.assert_array_equal(distinct_samples(codes).numpy(), want)

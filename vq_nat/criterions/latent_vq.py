@@ -19,6 +19,8 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass import FairseqDataclass
 
+from ..modules import distinct_samples
+
 
 class SoftmaxNLL(torch.autograd.Function):
     """sum_i -log softmax(logits_i)[t_i] (fp32), whose backward writes the gradient softmax - onehot in place
@@ -89,8 +91,7 @@ class LatentVQCriterion(FairseqCriterion):
             logging_output["post_ent"] = q.posterior_entropy.data * latent_real.sum()
         if getattr(model.decoder.bottleneck, "assignment", None) == "soft":
             # distinct codes among each latent's m soft-EM samples (1 = the samples are all one code: hard EM)
-            drawn = q.codes.sort(-1).values
-            distinct = 1 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1).float()
+            distinct = distinct_samples(q.codes)
             distinct = distinct if distinct.dim() == latent_real.dim() else distinct.mean(-1)
             logging_output["sample_codes"] = (distinct * latent_real).sum().data
         gate = self.latent_loss_weight * out["latent_loss_weight"]

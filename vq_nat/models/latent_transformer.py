@@ -431,6 +431,7 @@ class LatentDecoder(FairseqDecoder):
         codes = nearest(z_e) if nearest is not None else self.bottleneck(z_e, padding_mask=latent_pad).codes
         return codes, latent_pad
 
+    @torch.no_grad()
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
                  sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None, fused: bool = True,
                  codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None):

@@ -5,8 +5,8 @@ Every bottleneck is called as ``out = bottleneck(z_e, padding_mask=None)`` and r
 vectors with ``bottleneck.embed_codes(codes)``.
 """
 from .gumbel import GumbelSoftmaxQuantizer
-from .output import QuantizerOutput
+from .output import QuantizerOutput, distinct_samples
 from .semhash import SemanticHashingQuantizer
 from .vector_quantizer import VectorQuantizer
 
-__all__ = ["GumbelSoftmaxQuantizer", "QuantizerOutput", "SemanticHashingQuantizer", "VectorQuantizer"]
+__all__ = ["GumbelSoftmaxQuantizer", "QuantizerOutput", "SemanticHashingQuantizer", "VectorQuantizer", "distinct_samples"]

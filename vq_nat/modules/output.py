@@ -61,3 +61,11 @@ class QuantizerOutput:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in ("quantized", "codes"))
         return f"QuantizerOutput({shapes}, loss={float(self.loss):.4g})"
+
+
+def distinct_samples(codes: torch.Tensor) -> torch.Tensor:
+    """Number of distinct codes among each position's m soft-EM samples, (...) float: ``codes`` (..., m) as in
+    ``QuantizerOutput.codes`` of soft EM (``(..., num_blocks, m)`` with product quantization: averaged over the
+    blocks). 1 everywhere means the m samples are one code, i.e. soft EM behaves as hard EM."""
+    drawn = codes.sort(-1).values
+    return 1.0 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1).float()
