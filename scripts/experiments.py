@@ -144,6 +144,8 @@ LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=3, K=512
     "lp4": ["--latent-layers", "4"],
     "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only
     "T03": ["--soft-em-temperature", "0.3"],
+    "T01": ["--soft-em-temperature", "0.1"],  # a sharper E-step: the m samples agree on fewer codes
+    "T003": ["--soft-em-temperature", "0.03"],
 }
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
              '{"max_len_a": 1.2, "max_len_b": 10}']
