@@ -2,18 +2,17 @@
 """Decoding speed, side by side: the Latent Transformer against an autoregressive fairseq transformer.
 
     python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
-        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu] [--unfused]
+        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu]
 
 Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C, B C A, C A B, ...:
 each model decodes all its batches, warm, as when decoding a test set; the first model rotates from round to
 round) over ``--repeats`` rounds after one warm-up round, and prints the median (and min-max) over rounds of
 ms/sentence per model and batch size. Ratios are taken round by round (the models of one round ran within
 seconds of each other, on a machine whose speed drifts) and their median reported; the last line is
-``speedup batch1=X.XX batch64=Y.YY``: AR greedy's time over the LT's. Wall-clock
+``speedup batch1=X.XX batch64=Y.YY``: AR greedy's time over the LT's. Like for like: both models run fairseq's
+own layer code (TransformerEncoderLayer / TransformerDecoderLayer with incremental state). Wall-clock
 times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
-(not data loading). Use the same machine and thread count for both, as here. ``--unfused`` adds the LT decoded
-through fairseq's own layer code (``--no-fused-inference``) as one more interleaved runner, which shows what the
-fused inference path buys. Each line also gives the output tokens per sentence (EOS included) and, for the LT,
+(not data loading). Use the same machine and thread count for both, as here. Each line also gives the output tokens per sentence (EOS included) and, for the LT,
 the decoded span (latents x 2^nc: the positions it projects onto the vocabulary unless the length budget cuts
 it), against one position per output token for an autoregressive model.
 """
@@ -102,10 +101,11 @@ def main(argv=None):
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--unfused", action="store_true", help="also time the LT through fairseq's layer code")
     args = p.parse_args(argv)
 
-    import vq_nat  # noqa: F401  (registers the plugin; fixes for the fairseq build)
+    import vq_nat
+
+    vq_nat.register()  # the fairseq task, model and criterion; fixes for the fairseq build
     from fairseq.sequence_generator import SequenceGenerator
 
     if args.threads:
@@ -119,10 +119,6 @@ def main(argv=None):
         t.load_dataset(args.gen_subset)
     gen_args = argparse.Namespace(max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     runners = {"LT": (lt_task, lt_task.build_generator(lt_models, gen_args), lt_models)}
-    if args.unfused:
-        unfused = lt_task.build_generator(lt_models, gen_args)
-        unfused.fused = False
-        runners["LT unfused"] = (lt_task, unfused, lt_models)
     for beam in args.ar_beams:
         gen = SequenceGenerator(ar_models, ar_task.target_dictionary, beam_size=beam,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b)
@@ -155,13 +151,6 @@ def main(argv=None):
                 rs = ratios[(name, bs)]
                 print(f"ratio batch{bs}: {name} / LT = {statistics.median(rs):.2f} (median of {len(rs)} rounds; "
                       f"min {min(rs):.2f}, max {max(rs):.2f})")
-    if "LT unfused" in runners:  # like for like: both models through fairseq's own layer code
-        for bs in args.batch_sizes:
-            for name in runners:
-                if name.startswith("AR"):
-                    rs = [a / u for a, u in zip(ratios[(name, bs)], ratios[("LT unfused", bs)])]
-                    print(f"like-for-like batch{bs}: {name} / LT unfused = {statistics.median(rs):.2f} (median of "
-                          f"{len(rs)} rounds; min {min(rs):.2f}, max {max(rs):.2f})")
     speed = " ".join(f"batch{bs}={statistics.median(ratios[('AR greedy', bs)]):.2f}"
                      for bs in args.batch_sizes if ("AR greedy", bs) in ratios)
     print(f"speedup {speed}")

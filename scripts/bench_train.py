@@ -60,7 +60,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
-    import vq_nat  # noqa: F401
+    import vq_nat
+
+    vq_nat.register()  # the fairseq task, model and criterion; fixes for the fairseq build
 
     if args.threads:
         torch.set_num_threads(args.threads)

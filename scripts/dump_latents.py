@@ -34,7 +34,9 @@ def load_checkpoint(args, prog):
     if not os.path.isfile(args.path):
         sys.exit(f"{prog}: no such checkpoint: {args.path}")
     sys.path.insert(0, ROOT)
-    import vq_nat  # noqa: F401  (registers the plugin)
+    import vq_nat
+
+    vq_nat.register()  # the fairseq task, model and criterion; fixes for the fairseq build
     from fairseq import checkpoint_utils
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})

@@ -3,7 +3,6 @@
 
     python scripts/profile_decode.py DATA_BIN --path LT.pt [--gen-subset test] [--batch-size 1]
         [--max-sentences 200] [--npd-candidates k --npd-teacher AR.pt] [--threads N] [--cpu] [--ops 15]
-        [--memo-rounds 6]
 
 After one warm-up pass over the batches, three more passes:
 1. plain: ms/sentence, as ``bench_decode.py`` measures it;
@@ -12,17 +11,13 @@ After one warm-up pass over the batches, three more passes:
    (post-processing, glue); with k > 1 also how many of the B·k latent sequences and of the B·k token candidates
    are distinct within their sentence;
 3. ``torch.profiler``: the operators with the most self CPU time, as calls and microseconds per sentence;
-4. with ``--memo-rounds N`` (batch 1, k = 1): what the lone-latent memo buys (``LatentDecoder.decompress``): the
-   passes alternate N times between the memo on and off (the decompressor run for every sentence), in this
-   process; the median and range of the per-alternation time ratios. Also printed: how many sentences get how
-   many latents, and how many distinct codes the one-latent sentences use.
+Also printed: how many sentences get how many latents, and how many distinct codes the one-latent sentences use.
 Nothing is asserted about the numbers; they go into the README with the command that printed them.
 """
 import argparse
 import collections
 import functools
 import os
-import statistics
 import sys
 import time
 
@@ -67,11 +62,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--ops", type=int, default=15, help="operators listed from the profiler")
-    p.add_argument("--memo-rounds", type=int, default=0,
-                   help="alternations of the lone-latent memo on / off (batch 1, k = 1); 0: not measured")
     args = p.parse_args(argv)
 
-    import vq_nat  # noqa: F401  (registers the plugin)
+    import vq_nat
+
+    vq_nat.register()  # the fairseq task, model and criterion; fixes for the fairseq build
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,24 +147,6 @@ def main(argv=None):
         print(f"op {e.key:45s} {e.count / n:7.1f} calls/sentence  {e.self_cpu_time_total / n:8.1f} us/sentence  "
               f"{e.self_cpu_time_total / max(1, e.count):6.1f} us/call  "
               f"{100 * e.self_cpu_time_total / self_total:5.1f} %")
-
-    if args.memo_rounds > 0 and args.batch_size == 1 and k == 1:
-        decoder = model.decoder
-        memo_on = decoder.decompress
-
-        def memo_off(latents, latent_pad, codes=None):  # the decompressor for every sentence
-            return memo_on(latents, latent_pad, None)
-
-        ratios, on_ms, off_ms = [], [], []
-        for _ in range(args.memo_rounds):
-            decoder.decompress = memo_off
-            off_ms.append(1000 * run_all() / n)
-            del decoder.decompress  # back to the class method
-            on_ms.append(1000 * run_all() / n)
-            ratios.append(off_ms[-1] / on_ms[-1])
-        print(f"lone-latent memo: LT {statistics.median(on_ms):.2f} ms/sentence with, {statistics.median(off_ms):.2f} "
-              f"without; without / with = {statistics.median(ratios):.2f} (median of {len(ratios)} alternations; "
-              f"min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_prob
     lp, emb = model.decoder.latent_predictor, model.decoder.bottleneck.embed_codes
     with torch.no_grad():
         enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
-        g_codes, g_pad, g_scores = lp.generate(enc, emb, 6, 5, fused=False)
+        g_codes, g_pad, g_scores = lp.generate(enc, emb, 6, 5)
         b_codes, b_pad, b_scores = lp.beam_search(enc, emb, 6, 5, beam=1)
         assert torch.equal(b_pad, g_pad) and torch.equal(b_codes.masked_fill(b_pad, 0), g_codes.masked_fill(g_pad, 0))
         assert torch.allclose(b_scores, g_scores, atol=1e-5)

@@ -8,7 +8,6 @@ from fairseq_helpers import make_sample as helpers_make_sample
 from vq_nat.models.latent_transformer import masking_probability
 from vq_nat.modules.compression import Compressor, Decompressor, conv_btc
 from vq_nat.modules.denoising import word_dropout, word_shuffle
-from vq_nat.modules.weight_state import derived
 
 
 @pytest.fixture(scope="module")
@@ -173,75 +172,6 @@ def test_generate_stops_at_end_and_cuts_at_eos(built):
         assert 1 <= len(h[0]["latents"]) <= (50 + 7) // 8
 
 
-def test_a_lone_latent_is_decompressed_once_per_code_exactly(built, monkeypatch):
-    """Decoding one sentence of one latent looks its decompressed span up by code: the very tensor the
-    decompressor returned for that code; recomputed when the latent vector or a decompressor parameter changes;
-    never used with autograd, for batches or for several latents; bounded in memory."""
-    from vq_nat.models import latent_transformer
-
-    task, model, _ = built
-    model.eval()
-    dec = model.decoder
-    derived(dec).pop("_lone_latent_memo", None)
-    pad = torch.zeros(1, 1, dtype=torch.bool)
-    code, other = torch.tensor([[3]]), torch.tensor([[4]])
-    latents = dec.bottleneck.embed_codes(code).detach()
-    with torch.no_grad():
-        want, _ = dec.decompressor(latents, None)
-        first, first_pad = dec.decompress(latents, pad, code)
-        assert first_pad is None and torch.equal(first, want)
-        assert dec.decompress(latents, pad, code)[0] is first  # looked up, not recomputed
-        second = dec.decompress(dec.bottleneck.embed_codes(other), pad, other)[0]
-        assert not torch.equal(second, first)
-        assert dec.decompress(latents, pad, code)[0] is first
-        assert len(derived(dec)["_lone_latent_memo"][1]) == 2
-        # the same code with another latent vector (e.g. after a codebook update): computed afresh
-        moved = latents + 0.25
-        assert torch.equal(dec.decompress(moved, pad, code)[0], dec.decompressor(moved, None)[0])
-        # a decompressor parameter changed in place (an optimizer step): the memo is dropped
-        weight = dec.decompressor.thicken[0].weight
-        saved = weight.clone()
-        weight.add_(0.5)
-        try:
-            got = dec.decompress(latents, pad, code)[0]
-            assert torch.equal(got, dec.decompressor(latents, None)[0]) and not torch.equal(got, want)
-            assert len(derived(dec)["_lone_latent_memo"][1]) == 1
-        finally:
-            weight.copy_(saved)
-        # batches and several latents go through the decompressor
-        two = torch.cat([latents, latents], 1)
-        d2, _ = dec.decompress(two, torch.zeros(1, 2, dtype=torch.bool), torch.tensor([[3, 3]]))
-        assert d2.shape[1] == 2 * dec.factor and torch.equal(d2, dec.decompressor(two, None)[0])
-        # two sentences of one latent each, or training mode: the decompressor, nothing memoised
-        entries = dict(derived(dec)["_lone_latent_memo"][1])
-        pair = dec.bottleneck.embed_codes(torch.tensor([[3], [4]]))
-        d2, _ = dec.decompress(pair, torch.zeros(2, 1, dtype=torch.bool), torch.tensor([[3], [4]]))
-        assert torch.equal(d2, dec.decompressor(pair, None)[0])
-        model.train()
-        try:
-            assert torch.equal(dec.decompress(latents, pad, code)[0], want)
-        finally:
-            model.eval()
-        assert derived(dec)["_lone_latent_memo"][1].keys() == entries.keys()
-        # a dtype round trip (parameters get new .data, perhaps at their old addresses): computed afresh
-        model.double()
-        try:
-            wide = dec.decompress(latents.double(), pad, code)[0]
-            assert wide.dtype == torch.float64 and torch.equal(wide, dec.decompressor(latents.double(), None)[0])
-        finally:
-            model.float()
-        assert dec.decompress(latents, pad, code)[0] is not first
-        # bounded: with no room, nothing is kept and the result is still right
-        derived(dec).pop("_lone_latent_memo")
-        monkeypatch.setattr(latent_transformer, "_MEMO_BYTES", 0)
-        assert torch.equal(dec.decompress(latents, pad, code)[0], want)
-        assert derived(dec)["_lone_latent_memo"][1] == {}
-    derived(dec).pop("_lone_latent_memo")
-    with torch.enable_grad():
-        out, _ = dec.decompress(latents.requires_grad_(), pad, code)
-        assert out.requires_grad and "_lone_latent_memo" not in derived(dec)
-
-
 def test_compress_decompress_lengths_and_padding_invariance():
     torch.manual_seed(0)
     comp, decomp = Compressor(8, 2).eval(), Decompressor(8, 2).eval()
@@ -260,9 +190,8 @@ def test_compress_decompress_lengths_and_padding_invariance():
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (2, 2, 0), (5, 1, 2), (3, 2, 1)])
 def test_conv_btc_equals_conv1d(kernel, stride, padding):
-    """Every path of conv_btc (centre tap at length 1, strided windows x tap-major weight, channels-last conv2d;
-    with and without autograd) is nn.Conv1d on the transposed input, gradients included; the weights cached for
-    inference follow an in-place update."""
+    """conv_btc (channels-last conv2d on the batch-first input) is nn.Conv1d on the transposed input, with and
+    without autograd, gradients included, and follows an in-place weight update."""
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(8, 6, kernel, stride=stride, padding=padding)
     for b, t in [(1, 1), (2, 1), (1, 2), (3, 4), (1, 16), (4, 32), (2, 7)]:
@@ -319,7 +248,7 @@ def test_glancing_feeds_gold_at_ratio_times_errors_real_positions(tmp_path):
     latents = dec.bottleneck.embed_codes(dec.bottleneck.nearest_codes(z_e))
     mask = dec.glancing_mask(latents, latent_pad, enc, target)
     with torch.no_grad():
-        logits = dec.decode(latents, latent_pad, enc, fused=False, length=target.size(1))
+        logits = dec.decode(latents, latent_pad, enc, length=target.size(1))
     wrong = ((logits.argmax(-1) != target) & real).sum(1)
     assert torch.equal(mask.sum(1), torch.ceil(0.5 * wrong.float()).long())
     assert not (mask & ~real).any()
@@ -376,10 +305,9 @@ def test_decoder_without_source_attention_ignores_the_source(tmp_path):
         other = {**enc, "encoder_out": [torch.randn_like(enc["encoder_out"][0])]}
         lat = model.decoder.bottleneck.embed_codes(torch.tensor([[1, 2], [3, 4]]))
         pad = torch.zeros(2, 2, dtype=torch.bool)
-        for fused in (True, False):
-            a = model.decoder.decode(lat, pad, enc, fused=fused)
-            b = model.decoder.decode(lat, pad, other, fused=fused)
-            torch.testing.assert_close(a, b)
+        a = model.decoder.decode(lat, pad, enc)
+        b = model.decoder.decode(lat, pad, other)
+        torch.testing.assert_close(a, b)
     model.train()
     loss, _, _ = criterion(model, sample)
     assert torch.isfinite(loss)

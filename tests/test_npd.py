@@ -125,28 +125,6 @@ def test_npd_scores_each_distinct_candidate_once(built):
     assert float(scores[0]) != float(scores[3])  # same tokens, other source
 
 
-def test_fused_teacher_features_match_fairseq(built):
-    """The teacher's decoder states through the fused path equal fairseq's extract_features (padded rows)."""
-    from vq_nat.models import fused_inference
-
-    task, model, teacher = built
-    d = task.target_dictionary
-    sample = make_sample(d, [6, 3, 9], seed=5)
-    net = sample["net_input"]
-    target = sample["target"]
-    prev = torch.roll(target, 1, dims=1)
-    prev[:, 0] = d.eos()
-    prev = prev.masked_fill(target.eq(d.pad()), d.pad())
-    with torch.no_grad():
-        encoder_out = teacher.encoder(net["src_tokens"], src_lengths=net["src_lengths"])
-        assert LatentGenerator._fused_teacher_decoder(teacher.decoder)
-        fused = fused_inference.decoder_features(teacher.decoder, prev, encoder_out)
-        ref, _ = teacher.decoder.extract_features(prev, encoder_out=encoder_out)
-    real = prev.ne(d.pad())
-    assert (~real).any()
-    torch.testing.assert_close(fused[real], ref[real], rtol=1e-5, atol=1e-5)
-
-
 def test_npd_with_one_candidate_is_greedy_and_bad_settings_are_clear_errors(built):
     task, model, teacher = built
     d = task.target_dictionary

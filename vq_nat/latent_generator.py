@@ -10,8 +10,9 @@ sentence gets k latent sequences -- the greedy one plus k - 1 drawn from the lat
 decoded together in the same parallel pass (a batch of B·k); the autoregressive ``npd_teacher`` scores the
 candidates in one teacher-forced pass and the candidate with the best mean token log-probability under the
 teacher is returned. Sampled latents often decode to the same tokens (on Multi30k about 30% of the B·k
-candidates are distinct): the teacher scores each distinct (sentence, candidate) once, encodes each source once,
-runs fairseq's decoder layers through the fused path and projects only real positions onto the vocabulary.
+candidates are distinct): the teacher scores each distinct (sentence, candidate) once, through its own encoder and
+decoder (``extract_features`` + ``output_layer``), encoding each source once and projecting only real positions onto
+the vocabulary.
 Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
 
 Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best latent sequences of the latent
@@ -29,14 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vq_nat.models import fused_inference
-
 logger = logging.getLogger(__name__)
 
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None, fused: bool = True, oracle_latents: bool = False, latent_beam: int = 1):
+                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if npd_candidates > 1 and npd_teacher is None:
@@ -53,7 +52,6 @@ class LatentGenerator:
         self.npd_candidates = npd_candidates
         self.oracle_latents = oracle_latents
         self.latent_beam = latent_beam
-        self.fused = fused  # fused_inference: same results as fairseq's layer code, fewer ops
         self.teacher = npd_teacher
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
@@ -76,7 +74,7 @@ class LatentGenerator:
             raise ValueError("the latent transformer decodes in parallel: --prefix-size is not supported")
         net_input = sample["net_input"]
         src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
-        encoder_out = model.encode_source(src_tokens, src_lengths, fused=self.fused)
+        encoder_out = model.encode_source(src_tokens, src_lengths)
         # per-sentence length budget (a * |x| + b), capped by the model; the latent loop runs to the batch max
         limits = (self.max_len_a * src_lengths.float() + self.max_len_b).long().clamp(min=1)
         limits = limits.clamp(max=model.decoder.max_positions())
@@ -114,7 +112,7 @@ class LatentGenerator:
             given = dict(codes=codes, latent_pad=latent_pad)
         tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
             encoder_out, int(limits.max()) if limits is not None else 0, latent_budget=budget,
-            sample=sample_rows, token_budget=limits, fused=self.fused, **given,
+            sample=sample_rows, token_budget=limits, **given,
         )
         if beam_scores is not None:
             latent_scores = beam_scores
@@ -183,35 +181,20 @@ class LatentGenerator:
         if teacher.training:
             teacher.eval()
         encoder, decoder = teacher.encoder, teacher.decoder
-        encoder_out = fused_inference.run_encoder(encoder, src_tokens, src_lengths, self.fused)
+        encoder_out = encoder(src_tokens, src_lengths=src_lengths)
         encoder_out = encoder.reorder_encoder_out(encoder_out, sentence)
         real = target.ne(self.pad)
         prev = torch.roll(target, 1, dims=1)  # fairseq's shifted target: <eos> w1 ... wn
         prev[:, 0] = self.eos
         prev = prev.masked_fill(~real, self.pad)
         lengths = real.sum(1)
-        projection = getattr(decoder, "output_projection", None)
-        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(projection, torch.nn.Linear):
+        if getattr(decoder, "adaptive_softmax", None) is not None:
             lprobs = teacher.get_normalized_probs(decoder(prev, encoder_out=encoder_out), log_probs=True).float()
             token_lp = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~real, 0.0)
             return token_lp.sum(1) / lengths
-        if self.fused and self._fused_teacher_decoder(decoder):
-            features = fused_inference.decoder_features(decoder, prev, encoder_out)
-        else:
-            features, _ = decoder.extract_features(prev, encoder_out=encoder_out)
-        if self.fused:
-            logits = fused_inference.linear(decoder, "npd_output_projection", features[real], projection.weight,
-                                            projection.bias).float()
-        else:
-            logits = projection(features[real]).float()
+        features, _ = decoder.extract_features(prev, encoder_out=encoder_out)
+        logits = decoder.output_layer(features[real]).float()
         gold = target[real]
         token_lp = logits.gather(1, gold.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, 1)
         row = torch.arange(target.size(0), device=target.device).unsqueeze(1).expand_as(target)[real]
         return token_lp.new_zeros(target.size(0)).index_add_(0, row, token_lp) / lengths
-
-    @staticmethod
-    def _fused_teacher_decoder(decoder) -> bool:
-        from fairseq.models.transformer import TransformerDecoderBase
-
-        return (isinstance(decoder, TransformerDecoderBase) and not decoder.cross_self_attention
-                and fused_inference.usable(decoder, decoder.layers, cross=True))

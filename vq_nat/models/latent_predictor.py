@@ -20,8 +20,6 @@ from fairseq.modules import LayerNorm, SinusoidalPositionalEmbedding, Transforme
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
 
-from . import fused_inference
-
 
 def causal_mask(length: int, device) -> Tensor:
     return torch.triu(torch.full((length, length), float("-inf"), device=device), 1)
@@ -62,7 +60,7 @@ class LatentPredictor(nn.Module):
         x = self._embed(x)
         # position j reads inputs 0..j; inputs past a sentence's END position are padding
         pad = torch.cat([latent_padding_mask.new_zeros(b, 1), latent_padding_mask], dim=1)
-        enc, enc_mask = _unpack(encoder_out)
+        enc, enc_mask = unpack_encoder_out(encoder_out)
         x = x.transpose(0, 1)
         mask = causal_mask(length + 1, x.device)
         for layer in self.layers:
@@ -72,7 +70,7 @@ class LatentPredictor(nn.Module):
     def step(self, prev: Tensor, position: int, encoder_out: Dict, incremental_state: Dict) -> Tensor:
         """One cached decoding step: ``prev`` (B, H) previous latent embedding -> (B, num_blocks, K + 1)."""
         x = self._embed(prev.unsqueeze(1), offset=position).transpose(0, 1)
-        enc, enc_mask = _unpack(encoder_out)
+        enc, enc_mask = unpack_encoder_out(encoder_out)
         for layer in self.layers:
             x, _, _ = layer(x, enc, enc_mask, incremental_state=incremental_state)
         return self._logits(x.transpose(0, 1))[:, 0]
@@ -80,34 +78,22 @@ class LatentPredictor(nn.Module):
     @torch.no_grad()
     def generate(
         self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
-        sample: Optional[Tensor] = None, temperature: float = 1.0, fused: bool = True,
+        sample: Optional[Tensor] = None, temperature: float = 1.0,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Cached decoding until every sentence has emitted END (or ``max_latents`` codes): greedy, or for the
+        """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents`` codes): greedy, or for the
         rows where ``sample`` (B,) is True, ancestral sampling from softmax(logits / temperature) (the
         candidates of noisy parallel decoding).
-
-        ``fused``: run the layers through ``fused_inference`` (same results, fewer ops) where it applies, else
-        through fairseq's incremental state.
 
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
         of each sentence's codes and END.
         """
         device = self.start.device
         incremental_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
-        stack = None
-        if fused and fused_inference.usable(self, self.layers, cross=True):
-            enc, enc_mask = _unpack(encoder_out)
-            stack = fused_inference.FusedDecoder(self.layers, enc, enc_mask, max_len=max_latents + 1)
         prev = self.start.expand(batch_size, -1)
-        positions = self.positions[: max_latents + 1].to(prev.dtype)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         picked, picked_lp = [], []  # per step: (B, num_blocks) symbols and their log-probabilities
         for t in range(max_latents + 1):
-            if stack is not None:
-                x = self.dropout(prev.unsqueeze(1) + positions[t])  # = self._embed(prev.unsqueeze(1), offset=t)
-                logits = self._logits(stack.step(x, t))[:, 0]
-            else:
-                logits = self.step(prev, t, encoder_out, incremental_state)
+            logits = self.step(prev, t, encoder_out, incremental_state)
             lprobs = F.log_softmax(logits.float(), dim=-1)
             if t == 0:
                 lprobs[:, :, self.end] = float("-inf")  # every target has >= 1 token, so >= 1 latent
@@ -201,12 +187,12 @@ class LatentPredictor(nn.Module):
 
 
 def _reorder(encoder_out: Dict, order: Tensor) -> Dict:
-    enc, mask = _unpack(encoder_out)
+    enc, mask = unpack_encoder_out(encoder_out)
     return {"encoder_out": [enc.index_select(1, order)],
             "encoder_padding_mask": [] if mask is None else [mask.index_select(0, order)]}
 
 
-def _unpack(encoder_out: Dict) -> Tuple[Tensor, Optional[Tensor]]:
+def unpack_encoder_out(encoder_out: Dict) -> Tuple[Tensor, Optional[Tensor]]:
     enc = encoder_out["encoder_out"][0]
     masks = encoder_out.get("encoder_padding_mask", [])
     return enc, (masks[0] if len(masks) > 0 else None)

@@ -35,17 +35,13 @@ from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
-from ..modules.weight_state import changed as weights_changed, derived, reuse, state_key
-from . import fused_inference
-from .latent_predictor import LatentPredictor, _unpack, causal_mask
+from .latent_predictor import LatentPredictor, unpack_encoder_out, causal_mask
 
 logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
 # logits computed at once when decoding (1M fp32 = 4 MB): rows per chunk = this // vocabulary size
 _CHUNK_LOGITS = 1 << 20
-# the most memory the decompressed spans of lone latents may keep (``LatentDecoder._lone_latent``)
-_MEMO_BYTES = 64 << 20
 
 
 def masking_probability(step: int, mask_startup_steps: int) -> float:
@@ -185,16 +181,9 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
 
-    def encode_source(self, src_tokens, src_lengths, fused: bool = True):
-        """The source encoder's output (fairseq's dict); at inference through ``fused_inference`` where it applies
-        (same result, fewer ops)."""
-        return fused_inference.run_encoder(self.encoder, src_tokens, src_lengths, fused)
-
-    def _apply(self, fn, *args, **kwargs):
-        # .half() / .float() / .to(): parameters get new ``.data``, possibly at a freed address with the same
-        # version counter; weights and outputs cached for inference must not be taken for current
-        weights_changed()
-        return super()._apply(fn, *args, **kwargs)
+    def encode_source(self, src_tokens, src_lengths):
+        """The source encoder's output (fairseq's dict)."""
+        return self.encoder(src_tokens, src_lengths=src_lengths)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         try:
@@ -270,7 +259,7 @@ class LatentDecoder(FairseqDecoder):
         inputs, count each sentence's wrong tokens d(y, y_hat), and choose N = ceil(R * d) of its real positions
         uniformly at random; returns the (B, T) mask of the positions whose gold embedding is fed."""
         real = target.ne(self.padding_idx)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=False,
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True,
                                length=target.size(1))
         wrong = torch.zeros_like(real)
         wrong[real] = self.output_layer(features[real]).argmax(-1) != target[real]
@@ -297,14 +286,13 @@ class LatentDecoder(FairseqDecoder):
         pad = tokens.eq(self.padding_idx)
         z_e, latent_pad = self.compressor(self.dropout(self.embed(tokens)), pad)
         if self.ae_attention is not None:
-            enc, enc_mask = _unpack(encoder_out)
+            enc, enc_mask = unpack_encoder_out(encoder_out)
             z, _, _ = self.ae_attention(z_e.transpose(0, 1), enc, enc_mask, self_attn_padding_mask=latent_pad)
             z_e = z.transpose(0, 1).masked_fill(latent_pad.unsqueeze(-1), 0.0)
         return z_e, latent_pad
 
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
-               masking: float = 1.0, features_only: bool = False, fused: bool = True,
-               length: Optional[int] = None, codes: Optional[Tensor] = None,
+               masking: float = 1.0, features_only: bool = False, length: Optional[int] = None,
                use_gold: Optional[Tensor] = None) -> Tensor:
         """Latents (B, L, H) -> token logits (B, T, V) in one parallel pass, T = L * 2^nc or ``length`` if
         smaller (``features_only``: the decoder states (B, T, H) before the output projection).
@@ -313,8 +301,8 @@ class LatentDecoder(FairseqDecoder):
         (t2t: ``mask = masking < U``) or where ``use_gold`` (B, <= T) is True (glancing), then shifted right into
         a causal transformer decoder. The decoder is causal,
         so positions past ``length`` (the batch's longest target, or the decoding budget) would not change the
-        earlier ones: they are not computed. ``codes``: the codes ``latents`` embed (decoding, see ``decompress``)."""
-        d, pad = self.decompress(latents, latent_pad, codes if fused else None)
+        earlier ones: they are not computed."""
+        d, pad = self.decompress(latents, latent_pad)
         if gold is not None and use_gold is None and masking < 1.0:
             use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
         if gold is not None and use_gold is not None:
@@ -325,57 +313,22 @@ class LatentDecoder(FairseqDecoder):
             x = x[:, :length]
             pad = None if pad is None else pad[:, :length]
         x = self.dropout(x + self.positions[: x.size(1)].to(x.dtype).unsqueeze(0))
-        enc, enc_mask = _unpack(encoder_out)
-        if fused and fused_inference.usable(self, self.layers, cross=True):
-            x = fused_inference.FusedDecoder(self.layers, enc, enc_mask).forward(x, pad)
-        else:
-            x = x.transpose(0, 1)
-            mask = causal_mask(x.size(0), x.device)
-            for layer in self.layers:
-                x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
-            x = x.transpose(0, 1)
+        enc, enc_mask = unpack_encoder_out(encoder_out)
+        x = x.transpose(0, 1)
+        mask = causal_mask(x.size(0), x.device)
+        for layer in self.layers:
+            x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
+        x = x.transpose(0, 1)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return x if features_only else self.output_layer(x)
 
-    def decompress(self, latents: Tensor, latent_pad: Tensor, codes: Optional[Tensor] = None):
-        """``Decompressor`` output (B, L * 2^nc, H) and its padding mask (None: nothing padded).
-
-        Decoding one sentence whose latent sequence is a single code (``codes`` (1, 1[, blocks]), no autograd):
-        with nothing around it, that code alone determines the decompressed span, so it is computed once per
-        code and looked up afterwards (``_lone_latent``). On Multi30k at nc = 4, 88 % of the test sentences
-        (up to 16 tokens) have one latent; the lookup replaces the decompressor's 4 residual blocks (about 70
-        ops reading 2.9 MB of weights, 18 % of the batch-1 decoding time)."""
-        if codes is not None and codes.shape[:2] == (1, 1) and not torch.is_grad_enabled() and not self.training:
-            return self._lone_latent(latents, codes), None
+    def decompress(self, latents: Tensor, latent_pad: Tensor):
+        """``Decompressor`` output (B, L * 2^nc, H) and its padding mask (None: nothing padded)."""
         return self.decompressor(latents.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad)
 
-    def _lone_latent(self, latents: Tensor, codes: Tensor) -> Tensor:
-        """``decompressor(latents)[0]`` for one sentence of one latent, memoised by its code.
-
-        The memo is dropped whenever a decompressor parameter may have changed (``weight_state.state_key``: its
-        storage, version, dtype or device, or any optimizer step), and an entry is used only if the latent vector
-        it was computed from equals the one given (``torch.equal``: a codebook update or another bottleneck state
-        cannot serve stale values). Entries are the very tensors the decompressor returned (callers must not
-        modify them in place): results are identical to computing them. At most ``_MEMO_BYTES`` are kept, latent
-        vectors included (all K codes of one block at nc = 4, H = 128: 4.3 MB)."""
-        decompressor = self.decompressor
-        params = fused_inference._cached(decompressor, "_memo_params", lambda: list(decompressor.parameters()))
-        memo = reuse(derived(self), "_lone_latent_memo", state_key(*params), dict)  # code tuple -> (latents, out)
-        key = tuple(codes.view(-1).tolist())
-        hit = memo.get(key)
-        if hit is not None and hit[0].dtype == latents.dtype and hit[0].device == latents.device \
-                and torch.equal(hit[0], latents):
-            return hit[1]
-        out, _ = self.decompressor(latents, None)
-        if (len(memo) + 1) * (out.numel() + latents.numel()) * out.element_size() <= _MEMO_BYTES:
-            memo[key] = (latents.clone(), out)
-        return out
-
-    def output_layer(self, features, fused: bool = False):
+    def output_layer(self, features):
         weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection.weight
-        if fused and not torch.is_grad_enabled():
-            return fused_inference.linear(self, "output_projection", features, weight, None)
         return F.linear(features, weight)
 
     # ---------------------------------------------------------------- training forward
@@ -433,7 +386,7 @@ class LatentDecoder(FairseqDecoder):
 
     @torch.no_grad()
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
-                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None, fused: bool = True,
+                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None,
                  codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None):
         """Predict the latents autoregressively (greedy, cached, early stop at END; rows flagged in ``sample``
         draw their codes instead), then decode all target positions in one parallel pass.
@@ -446,16 +399,14 @@ class LatentDecoder(FairseqDecoder):
         output projection and softmax, packed across the batch: the padded remainder of the batch's longest
         latent sequence is never projected onto the vocabulary.
 
-        ``fused``: the latent predictor and decoder layers run through ``fused_inference`` where it applies.
-
         Returns token ids (B, T) (pad past each span), a per-position log-prob (B, T), the latent padding mask
         (B, L), the codes and the latent log-probabilities (B,)."""
-        enc, _ = _unpack(encoder_out)
+        enc, _ = unpack_encoder_out(encoder_out)
         if codes is None:
             max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
                                      self.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, latent_scores = self.latent_predictor.generate(
-                encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample, fused=fused
+                encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample
             )
         else:
             if latent_pad is None or latent_pad.shape != codes.shape[:2]:
@@ -470,29 +421,26 @@ class LatentDecoder(FairseqDecoder):
             span = torch.minimum(span, token_budget)
         spans = span.tolist()
         length = max(spans)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True, fused=fused, length=length,
-                               codes=codes)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True, length=length)
         if min(spans) == length:  # every row uses every position (always at batch 1): no packing
-            best, best_tokens = self.best_tokens(features.reshape(-1, features.size(-1)), fused=fused)
+            best, best_tokens = self.best_tokens(features.reshape(-1, features.size(-1)))
             return best_tokens.view(features.shape[:2]), best.view(features.shape[:2]), latent_pad, codes, \
                 latent_scores
         used = torch.arange(length, device=span.device).unsqueeze(0) < span.unsqueeze(1)
-        best, best_tokens = self.best_tokens(features[used], fused=fused)
+        best, best_tokens = self.best_tokens(features[used])
         tokens = torch.full(used.shape, self.padding_idx, dtype=torch.long, device=features.device)
         scores = torch.zeros(used.shape, device=features.device)
         tokens[used] = best_tokens
         scores[used] = best
         return tokens, scores, latent_pad, codes, latent_scores
 
-    def best_tokens(self, features: Tensor, fused: bool = False) -> Tuple[Tensor, Tensor]:
+    def best_tokens(self, features: Tensor) -> Tuple[Tensor, Tensor]:
         """Decoder states (R, H) -> the most probable token of each (never <pad> or <s>) and its log-probability
         (fp32), the softmax normalised over the other tokens.
 
         In chunks of rows whose (rows x V) logits fit in cache, each projected, normalised and reduced before
         the next: at batch 64 (1,536 rows, V = 6,040, CPU) half the time of one (R x V) matrix reduced after
-        the projection, whose passes over the matrix then go to memory. ``fused``: the projection through
-        ``fused_inference.linear`` (oneDNN with a prepacked weight on CPU) and the maximum by
-        ``fused_inference.row_max`` (vectorised, two levels).
+        the projection, whose passes over the matrix then go to memory.
         """
         r = features.size(0)
         best = torch.empty(r, device=features.device)
@@ -500,12 +448,9 @@ class LatentDecoder(FairseqDecoder):
         special = torch.tensor([self.padding_idx, self.dictionary.bos()], device=features.device)
         step = max(16, _CHUNK_LOGITS // len(self.dictionary))
         for i in range(0, r, step):
-            logits = self.output_layer(features[i : i + step], fused=fused).index_fill_(1, special, float("-inf"))
+            logits = self.output_layer(features[i : i + step]).index_fill_(1, special, float("-inf"))
             lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-            if fused:
-                best[i : i + step], tokens[i : i + step] = fused_inference.row_max(lprobs)
-            else:
-                torch.max(lprobs, dim=-1, out=(best[i : i + step], tokens[i : i + step]))
+            torch.max(lprobs, dim=-1, out=(best[i : i + step], tokens[i : i + step]))
         return best, tokens
 
     def max_positions(self):

@@ -16,20 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weight_state import derived, reuse, state_key
-
-
-def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
-    """``getattr(module, name)`` for a parameter, from the parameter dict when it is there: without
-    ``nn.Module.__getattr__``, which costs about as much as an op on one sentence's few positions."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
-
-
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` without the module call."""
-    return torch.layer_norm(x, norm.normalized_shape, _param(norm, "weight"), _param(norm, "bias"), norm.eps)
-
 
 def _zero_pad(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x if padding_mask is None else x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -49,48 +35,13 @@ def upsample_mask(padding_mask: Optional[torch.Tensor], steps: int) -> Optional[
     return padding_mask.repeat_interleave(1 << steps, dim=1)
 
 
-# below this many (batch x length) positions a convolution is cheaper as one GEMM over unfolded windows
-_SMALL_CONV = 64
-
-
-def _cached_weight(conv: nn.Conv1d, slot: str, build) -> torch.Tensor:
-    """``build(conv.weight)`` detached, cached on ``conv`` under ``slot`` while the weight is unchanged
-    (``weight_state.state_key``: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it). Inference only."""
-    w = _param(conv, "weight")
-    return reuse(derived(conv), slot, state_key(w), lambda: build(w.detach()).contiguous())
-
-
-def _tap_major(w: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, k) -> (C_out, k * C_in), column j * C_in + c = tap j of input channel c: the order of a
-    window of k consecutive (C_in,) positions laid end to end."""
-    return w.permute(0, 2, 1).reshape(w.size(0), -1)
-
-
 def conv_btc(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv`` applied to batch-first ``x`` (B, T, C_in) -> (B, T', C_out), without transposed copies.
-
-    The same result as ``conv(x.transpose(1, 2)).transpose(1, 2)``. Large inputs run as a 2-D convolution in
-    channels-last layout, whose (B, C, 1, T) view of ``x`` is ``x`` itself and whose output is (B, T', C)
-    contiguous (measured on CPU: half the time of Conv1d forward + backward with the two transposes, which
-    copy). Small inputs (decoding one sentence) run as one matrix product, which avoids the convolution's fixed
-    cost: the k positions of each window are consecutive rows of the zero-padded ``x``, so the windows are one
-    strided view of it, multiplied by the weight in tap-major order (cached without autograd). A length-1 input
-    of a "same" convolution sees only the centre tap: one product with that (C_out, C_in) slice.
-    """
-    (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+    """``conv`` applied to batch-first ``x`` (B, T, C_in) -> (B, T', C_out): ``conv(x.transpose(1, 2))`` transposed
+    back, computed as a 2-D convolution in channels-last layout, whose (B, C, 1, T) view of ``x`` is ``x`` itself
+    and whose output is (B, T', C) contiguous (no transposed copies)."""
     if conv.dilation != (1,) or conv.groups != 1 or conv.padding_mode != "zeros":
         return conv(x.transpose(1, 2)).transpose(1, 2)
-    b, t, c = x.shape
-    if b * t <= _SMALL_CONV:
-        cached = not torch.is_grad_enabled()
-        if t == 1 and s == 1 and k == 2 * p + 1:
-            centre = _cached_weight(conv, "_centre_tap", lambda w: w[:, :, p]) if cached else conv.weight[:, :, p]
-            return F.linear(x, centre, _param(conv, "bias"))
-        padded = torch.constant_pad_nd(x, (0, 0, p, p)) if p else x.contiguous()
-        t_out = (t + 2 * p - k) // s + 1
-        windows = padded.as_strided((b, t_out, k * c), (padded.stride(0), s * c, 1))  # (B, T', k * C_in)
-        weight = _cached_weight(conv, "_tap_major", _tap_major) if cached else _tap_major(conv.weight)
-        return F.linear(windows, weight, _param(conv, "bias"))
+    (s,), (p,) = conv.stride, conv.padding
     weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
     out = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), weight, conv.bias, stride=(1, s), padding=(0, p))
     return out.permute(0, 2, 3, 1).flatten(1, 2)  # (B, 1, T', C_out) -> (B, T', C_out)
@@ -109,9 +60,9 @@ class ResidualConvBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = _zero_pad(_layer_norm(self.norm, x), padding_mask)
+        y = _zero_pad(self.norm(x), padding_mask)
         for conv, norm in zip(self.convs, self.norms):
-            y = _zero_pad(_layer_norm(norm, conv_btc(torch.relu(y), conv)), padding_mask)
+            y = _zero_pad(norm(conv_btc(torch.relu(y), conv)), padding_mask)
         if self.training:
             y = self.dropout(y)
         return _zero_pad(x + y, padding_mask)
@@ -143,7 +94,7 @@ class Compressor(nn.Module):
         for i, (conv, norm) in enumerate(zip(self.strided, self.norms)):
             padding_mask = downsample_mask(padding_mask, 1)
             # ReLU -> Conv(kernel 2, stride 2, no bias) -> LayerNorm, as t2t ``conv_block``
-            x = _zero_pad(_layer_norm(norm, conv_btc(torch.relu(x), conv)), padding_mask)
+            x = _zero_pad(norm(conv_btc(torch.relu(x), conv)), padding_mask)
         return x, padding_mask
 
 
@@ -168,7 +119,7 @@ class Decompressor(nn.Module):
         for i, (block, lin, norm) in enumerate(zip(self.residual, self.thicken, self.norms)):
             x = block(x, padding_mask)
             h = x if i == 0 else torch.relu(x)  # t2t: no leading ReLU on the first step
-            h = _layer_norm(norm, F.linear(h, _param(lin, "weight"), _param(lin, "bias")))  # (B, L, 2H)
+            h = norm(lin(h))  # (B, L, 2H)
             b, length, two_h = h.shape
             x = h.reshape(b, 2 * length, two_h // 2)  # depth-to-space
             padding_mask = upsample_mask(padding_mask, 1)

@@ -36,8 +36,8 @@ class LatentTranslationConfig(TranslationConfig):
                                      "k-1 sampled) in one parallel pass and keep the one --npd-teacher scores best"}
     )
     no_fused_inference: bool = field(
-        default=False, metadata={"help": "decode through fairseq's own layer code instead of the fused inference "
-                                         "path (vq_nat/models/fused_inference.py; same results, slower)"}
+        default=False, metadata={"help": "no effect, kept so that older command lines and checkpoints work: "
+                                         "decoding always runs fairseq's own layer code"}
     )
     latent_beam: int = field(
         default=1, metadata={"help": "beam search over latent sequences: decode the best of the k best by latent "
@@ -98,7 +98,6 @@ class LatentTranslationTask(TranslationTask):
             max_len_b=getattr(args, "max_len_b", 200),
             npd_candidates=self.cfg.npd_candidates,
             npd_teacher=teacher,
-            fused=not self.cfg.no_fused_inference,
             oracle_latents=self.cfg.oracle_latents,
             latent_beam=self.cfg.latent_beam,
         )
@@ -124,8 +123,7 @@ class LatentTranslationTask(TranslationTask):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         if self.cfg.eval_bleu and hasattr(getattr(model, "decoder", None), "reference_codes"):
             oracle = LatentGenerator(self.target_dictionary, max_len_a=self.sequence_generator.max_len_a,
-                                     max_len_b=self.sequence_generator.max_len_b, oracle_latents=True,
-                                     fused=False)
+                                     max_len_b=self.sequence_generator.max_len_b, oracle_latents=True)
             bleu = self._inference_with_bleu(oracle, sample, model)
             logging_output["_oracle_bleu_sys_len"] = bleu.sys_len
             logging_output["_oracle_bleu_ref_len"] = bleu.ref_len
