@@ -201,11 +201,8 @@ class ImageAutoencoder(nn.Module):
 
     @torch.no_grad()
     def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
-        """Nearest-code index of every latent (the mode of the E-step, for both bottlenecks)."""
-        flat = z_e.reshape(-1, z_e.size(-1)).float()
-        cb = self.quantizer.codebook.float()
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1).unsqueeze(0)
-        return dist.argmin(1)
+        """Nearest-code index of every latent (the mode of the E-step, for both bottlenecks), flattened."""
+        return self.quantizer.nearest_codes(z_e).reshape(-1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import DATASETS, DatasetNotFoundError, build_splits
+from vq_nat.modules.output import code_perplexity
+
 from .models import PRESETS, ImageAutoencoder, build_config, count_parameters
 
 logger = logging.getLogger("image_ae")
@@ -80,11 +82,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-downsample", type=int, default=None,
                    help="stride-2 layers (default: as many as bring the image to the 8x8 latent grid)")
     g.add_argument("--num-residual", type=int, default=2)
-    g.add_argument("--update", choices=("ema", "grad"), default="ema", help="codebook M-step")
-    g.add_argument("--decay", type=float, default=0.999, help="EMA decay lambda")
-    g.add_argument("--epsilon", type=float, default=1e-5, help="Laplace smoothing of EMA counts")
-    g.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
-    g.add_argument("--temperature", type=float, default=1.0, help="soft-EM temperature")
+    g.add_argument("--codebook-update", "--update", dest="update", choices=("ema", "grad"), default="ema", help="codebook M-step (as fairseq's --codebook-update)")
+    g.add_argument("--codebook-decay", "--decay", dest="decay", type=float, default=0.999, help="EMA decay lambda (eq.4-5)")
+    g.add_argument("--codebook-epsilon", "--epsilon", dest="epsilon", type=float, default=1e-5, help="Laplace smoothing of EMA counts")
+    g.add_argument("--commitment-beta", "--beta", dest="beta", type=float, default=0.25, help="commitment loss weight")
+    g.add_argument("--soft-em-temperature", "--temperature", dest="temperature", type=float, default=1.0, help="soft-EM temperature")
     g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
     g.add_argument("--dead-code-threshold", type=float, default=0.0, help="re-seed codes with EMA count below")
 
@@ -225,8 +227,7 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
     model.train(was_training)
 
     def ppl(counts: torch.Tensor) -> float:
-        p = counts / counts.sum().clamp(min=1e-12)
-        return float(torch.exp(-(p * torch.log(p.clamp(min=1e-300))).sum()))
+        return float(code_perplexity(counts))
 
     mse = sq_err / max(pixels, 1)
     used = int((nearest > 0).sum())

@@ -249,11 +249,11 @@ CLI_VALUES = {
     "latents_per_position": (["--latents-per-position", "5"], 5),
     "num_downsample": (["--num-downsample", "3"], 3),
     "num_residual": (["--num-residual", "4"], 4),
-    "update": (["--update", "grad"], "grad"),
-    "decay": (["--decay", "0.99"], 0.99),
-    "epsilon": (["--epsilon", "1e-6"], 1e-6),
-    "beta": (["--beta", "0.5"], 0.5),
-    "temperature": (["--temperature", "2.5"], 2.5),
+    "update": (["--codebook-update", "grad"], "grad"),
+    "decay": (["--codebook-decay", "0.99"], 0.99),
+    "beta": (["--commitment-beta", "0.5"], 0.5),
+    "temperature": (["--soft-em-temperature", "0.5"], 0.5),
+    "epsilon": (["--codebook-epsilon", "1e-6"], 1e-6),
     "kmeans_init": (["--kmeans-init"], True),
     "dead_code_threshold": (["--dead-code-threshold", "0.01"], 0.01),
     "epochs": (["--epochs", "2.5"], 2.5),
@@ -303,6 +303,10 @@ def test_every_cli_option_parses():
         assert type(getattr(args, dest)) is type(expected), dest
     # --resume without a value: SAVE_DIR/checkpoint_last.pt
     assert parser.parse_args(["--resume"]).resume == "auto"
+    # the quantizer options carry the fairseq model's names; the short old names still parse
+    old = parser.parse_args(["--update", "grad", "--decay", "0.9", "--epsilon", "1e-3", "--beta", "0.1",
+                             "--temperature", "3"])
+    assert (old.update, old.decay, old.epsilon, old.beta, old.temperature) == ("grad", 0.9, 1e-3, 0.1, 3.0)
     # a bad value is rejected by the parser (exit code 2)
     for bad in (["--bottleneck", "gumbel"], ["--image-size", "big"], ["--channels", "4"]):
         with pytest.raises(SystemExit) as e:

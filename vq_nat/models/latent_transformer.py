@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
+from ..modules.schedules import inverse_exp_decay, inverse_lin_decay
 from .latent_predictor import LatentPredictor, unpack_encoder_out, causal_mask
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,9 @@ def masking_probability(step: int, mask_startup_steps: int) -> float:
     """
     if mask_startup_steps <= 0:
         return 1.0
-    lin = 0.01 + 0.99 * min(step / mask_startup_steps, 1.0)
-    m4 = max(mask_startup_steps // 4, 1)
-    exp = 0.01 ** (max(m4 - step, 0) / m4)
-    return min(max(lin * exp, 0.0), 1.0)
+    step = torch.tensor(float(step))
+    masking = inverse_lin_decay(mask_startup_steps, step) * inverse_exp_decay(max(mask_startup_steps // 4, 1), step)
+    return float(masking.clamp(0.0, 1.0))
 
 
 def build_bottleneck(args, dim: int) -> nn.Module:

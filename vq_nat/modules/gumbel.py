@@ -7,31 +7,14 @@ by ``dense(hot, hidden_size)``), with ``common_layers.inverse_lin_decay`` / ``in
 Also holds the small helpers shared with ``semhash.py`` (schedules, code-usage statistics).
 Plain PyTorch: no fairseq import.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .output import QuantizerOutput
-
-
-def inverse_lin_decay(max_step: float, step: torch.Tensor, min_value: float = 0.01) -> torch.Tensor:
-    """t2t ``common_layers.inverse_lin_decay``: min_value + (1 - min_value) * min(step / max_step, 1)."""
-    if max_step <= 0:
-        return torch.ones_like(step)
-    progress = torch.clamp(step / float(max_step), max=1.0)
-    return progress * (1.0 - min_value) + min_value
-
-
-def inverse_exp_decay(max_step: float, step: torch.Tensor, min_value: float = 0.01) -> torch.Tensor:
-    """t2t ``common_layers.inverse_exp_decay``: min_value ** (max(max_step - step, 0) / max_step).
-
-    Rises exponentially from ``min_value`` at step 0 to 1.0 at ``max_step`` (and stays 1 afterwards).
-    """
-    if max_step <= 0:
-        return torch.ones_like(step)
-    return min_value ** (torch.clamp(float(max_step) - step, min=0.0) / float(max_step))
+from .output import QuantizerOutput, usage_stats
+from .schedules import inverse_exp_decay, inverse_lin_decay
 
 
 def flatten_valid(z_e: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -42,17 +25,6 @@ def flatten_valid(z_e: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> to
     if padding_mask.shape != lead:
         raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != z_e shape[:-1] {tuple(lead)}")
     return (~padding_mask.reshape(-1)).float()
-
-
-def usage_stats(codes: torch.Tensor, weight: torch.Tensor, num_codes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Perplexity exp(-sum_k p_k log p_k) of the code histogram p over weighted positions, and fraction used.
-
-    ``codes``: (N,) long, ``weight``: (N,) float (0 for padding). No host sync (index_add, no boolean indexing).
-    """
-    usage = torch.zeros(num_codes, device=codes.device).index_add_(0, codes, weight)
-    p = usage / usage.sum().clamp(min=1e-12)
-    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
-    return entropy.exp(), (usage > 0).float().mean()
 
 
 def gumbel_sample(shape, device=None) -> torch.Tensor:

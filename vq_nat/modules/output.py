@@ -1,5 +1,5 @@
 """The one named output structure shared by every discrete bottleneck in ``vq_nat.modules``."""
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -69,3 +69,19 @@ def distinct_samples(codes: torch.Tensor) -> torch.Tensor:
     blocks). 1 everywhere means the m samples are one code, i.e. soft EM behaves as hard EM."""
     drawn = codes.sort(-1).values
     return 1.0 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1).float()
+
+
+def code_perplexity(usage: torch.Tensor) -> torch.Tensor:
+    """exp(-sum_k p_k log p_k) of the code histogram ``usage`` (..., K) (counts or weights), p = usage / sum:
+    K when every code is used equally, 1 when one code takes everything. Over the last dimension."""
+    p = usage / usage.sum(-1, keepdim=True).clamp(min=1e-12)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1))
+
+
+def usage_stats(codes: torch.Tensor, weight: torch.Tensor, num_codes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Perplexity exp(-sum_k p_k log p_k) of the code histogram p over weighted positions, and fraction used.
+
+    ``codes``: (N,) long, ``weight``: (N,) float (0 for padding). No host sync (index_add, no boolean indexing).
+    """
+    usage = torch.zeros(num_codes, device=codes.device).index_add_(0, codes, weight)
+    return code_perplexity(usage), (usage > 0).float().mean()

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gumbel import flatten_valid, inverse_exp_decay, usage_stats
+from .gumbel import flatten_valid
+from .output import usage_stats
+from .schedules import inverse_exp_decay
 from .output import QuantizerOutput
 
 

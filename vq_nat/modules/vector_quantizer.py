@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distributed import all_reduce_sum, broadcast_, is_distributed
-from .output import QuantizerOutput
+from .output import QuantizerOutput, code_perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,7 @@ class VectorQuantizer(nn.Module):
         quantized = z_e + (z_q.to(z_e.dtype) - z_e).detach()
 
         usage = counts.view(b, k)
-        p = usage / usage.sum(-1, keepdim=True).clamp(min=1e-12)
-        usage_entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B,)
-        perplexity = usage_entropy.exp().mean()
+        perplexity = code_perplexity(usage).mean()  # of each block's histogram, averaged
         codes_used = (usage > 0).float().mean()
         # mean E-step posterior entropy over the real positions (and blocks): 0 = one-hot, log K = uniform
         posterior_entropy = (entropy.mean(-1) * weight).sum() / weight.sum().clamp(min=1.0)
