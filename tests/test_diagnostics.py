@@ -1,6 +1,8 @@
 """Where BLEU is lost: teacher-forced (oracle-latent) decoding, the E-step posterior's entropy, the logged metrics."""
 import math
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -235,3 +237,39 @@ def test_distinct_samples_counts_distinct_codes_per_position():
     codes = torch.tensor([[[3, 3, 3, 3], [1, 2, 1, 5]], [[0, 1, 2, 3], [7, 7, 2, 7]]])
     want = np.array([[len(set(row)) for row in pos] for pos in codes.tolist()], dtype=np.float32)
     np.testing.assert_array_equal(distinct_samples(codes).numpy(), want)
+
+
+def test_averaged_checkpoints_decode_with_fairseq_generate(tmp_path):
+    """scripts/average_checkpoints.py on two checkpoints of one run: floating-point tensors (the codebook and its
+    EMA statistics included) are the mean, the quantizer's bool ``initialized`` flag is kept, and the average
+    decodes through fairseq-generate."""
+    from fairseq import checkpoint_utils
+
+    raw, dest, save = str(tmp_path / "raw"), str(tmp_path / "bin"), str(tmp_path / "ckpt")
+    make_copy_task(raw, n_train=200, n_valid=8, n_test=6)
+    preprocess(raw, dest)
+    train(dest, save, ["--bottleneck", "em", "--num-samples", "3", "--max-update", "6",
+                       "--save-interval-updates", "1", "--no-epoch-checkpoints"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    avg = str(tmp_path / "avg.pt")
+    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "average_checkpoints.py"), "--inputs", save,
+                        "--num-update-checkpoints", "2", "--output", avg], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    by_update = sorted((int(m[1]), f) for f in os.listdir(save) if (m := re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", f)))
+    assert re.findall(r"checkpoint_\d+_\d+\.pt", p.stdout) == [f for _, f in by_update[-2:]], p.stdout
+    a, b = (checkpoint_utils.load_checkpoint_to_cpu(os.path.join(save, f))["model"] for _, f in by_update[-2:])
+    got = checkpoint_utils.load_checkpoint_to_cpu(avg)["model"]
+    codebook = [k for k in got if k.endswith("bottleneck.embed")][0]
+    assert not torch.equal(a[codebook], b[codebook]), "the codebook must have moved between the checkpoints"
+    for k, v in got.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (a[k].double() + b[k].double()).div(2).to(v.dtype))
+        else:
+            assert torch.equal(v, b[k]), k
+    flag = [k for k in got if k.endswith("bottleneck.initialized")][0]
+    assert got[flag].dtype == torch.bool and bool(got[flag])
+    assert sorted(hypotheses(generate(dest, avg, ["--max-len-b", "40"]))) == list(range(6))
+    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "average_checkpoints.py"), "--inputs",
+                        avg, str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x.pt")],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "no such checkpoint" in p.stderr

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Average the weights of fairseq checkpoints (as fairseq's own ``scripts/average_checkpoints.py``), for latent
+transformers and any other fairseq model.
+
+    python scripts/average_checkpoints.py --inputs CK1.pt CK2.pt ... --output AVG.pt
+    python scripts/average_checkpoints.py --inputs SAVE_DIR --num-update-checkpoints 5 --output AVG.pt
+
+Every floating-point tensor of the model (weights, the codebook, the EMA counts and sums of eq.4-5) is the mean
+over the checkpoints, computed in fp64 and stored in its own dtype. Integer and boolean tensors (e.g. the
+quantizer's ``initialized`` flag) are not averaged: they are taken from the last checkpoint given, after checking
+that every checkpoint agrees on their shape. The output keeps the last checkpoint's configuration, so
+``fairseq-generate --path AVG.pt`` decodes it like any checkpoint. ``--num-update-checkpoints N`` with a directory
+takes its N newest ``checkpoint_*_<updates>.pt`` (``--save-interval-updates``).
+"""
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+
+def newest_update_checkpoints(directory: str, n: int):
+    found = []
+    for name in os.listdir(directory):
+        m = re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", name)
+        if m:
+            found.append((int(m[1]), os.path.join(directory, name)))
+    if len(found) < n:
+        raise SystemExit(f"average_checkpoints.py: {directory} has {len(found)} checkpoint_*_<updates>.pt files, "
+                         f"fewer than --num-update-checkpoints {n}")
+    return [path for _, path in sorted(found)[-n:]]
+
+
+def average(paths):
+    from fairseq import checkpoint_utils
+
+    total, last = None, None
+    for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"average_checkpoints.py: no such checkpoint: {path}")
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        model = state["model"]
+        if total is None:
+            total = {k: v.double().clone() if v.is_floating_point() else None for k, v in model.items()}
+            keys = set(model)
+        elif set(model) != keys:
+            raise SystemExit(f"average_checkpoints.py: {path} holds other parameters than {paths[0]} "
+                             f"(differs in {sorted(set(model) ^ keys)[:5]}): not the same model")
+        else:
+            for k, v in model.items():
+                if v.shape != last["model"][k].shape:
+                    raise SystemExit(f"average_checkpoints.py: {k} has shape {tuple(v.shape)} in {path}, "
+                                     f"{tuple(last['model'][k].shape)} before: not the same model")
+                if total[k] is not None:
+                    total[k] += v.double()
+        last = state
+    out = dict(last)
+    out["model"] = {k: v if total[k] is None else (total[k] / len(paths)).to(v.dtype)
+                    for k, v in last["model"].items()}
+    out["last_optimizer_state"] = None  # meaningless for an average (fairseq's script drops it too)
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(out.get("cfg")):  # stored as plain containers, as fairseq's save_checkpoint does
+        out["cfg"] = OmegaConf.to_container(out["cfg"])
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", required=True, help="checkpoint files, or one directory")
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-update-checkpoints", type=int, default=None,
+                   help="with a directory: average its N newest checkpoint_*_<updates>.pt")
+    args = p.parse_args(argv)
+
+    import vq_nat
+
+    vq_nat.register()  # torch >= 2.6 weights-only loading of fairseq checkpoints
+    paths = args.inputs
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        if not args.num_update_checkpoints:
+            raise SystemExit("average_checkpoints.py: a directory needs --num-update-checkpoints N")
+        paths = newest_update_checkpoints(paths[0], args.num_update_checkpoints)
+    state = average(paths)
+    from fairseq.file_io import PathManager
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with PathManager.open(args.output, "wb") as f:
+        torch.save(state, f)
+    print(f"averaged {len(paths)} checkpoints into {args.output}: " + ", ".join(os.path.basename(x) for x in paths))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
