@@ -13,7 +13,7 @@ Writes to ``--save-dir``:
   config.json          the resolved options
 An evaluation always runs at the end of training, however short.
 
-Metrics (on the first ``--eval-samples`` images of the evaluation split, pixels in [0, 1]):
+Metrics (on ``--eval-samples`` images evenly spaced over the evaluation split (all by default), pixels in [0, 1]):
   mse = mean squared error per pixel and channel of the clamped reconstruction;
   psnr = 10 log10(1 / mse) (dB);
   code_ppl = exp(entropy) of the distribution of nearest-code assignments over all latents of the split;
@@ -113,7 +113,7 @@ def get_parser() -> argparse.ArgumentParser:
                    "always at the end")
     g.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: at each "
                    "evaluation); always at the end")
-    g.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first N images (0: all)")
+    g.add_argument("--eval-samples", type=int, default=0, help="evaluate on N images evenly spaced over the split, the same for every seed (0: all)")
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--num-recon", type=int, default=8, help="images in each reconstruction grid")
@@ -197,6 +197,12 @@ def iterate_batches(ds, batches: torch.Tensor, num_workers: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def eval_indices(size: int, n: int) -> torch.Tensor:
+    """``n`` of ``size`` evaluation images, evenly spaced over the split (floor(i * size / n)): the same for every
+    seed, and spread over the classes of a class-sorted ImageFolder instead of its first class only."""
+    return torch.arange(n) * size // n
+
+
 @torch.no_grad()
 def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: int) -> dict:
     """Reconstruction error and code usage on the evaluation split; writes recon_<step>.png."""
@@ -213,7 +219,7 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # soft-EM sampling here must not move the training RNG
         torch.manual_seed(args.seed)
-        for x in iterate_batches(test, torch.arange(n).split(args.eval_batch_size), args.num_workers):
+        for x in iterate_batches(test, eval_indices(len(test), n).split(args.eval_batch_size), args.num_workers):
             x = x.to(device)
             recon, out, z_e = model(x)
             recon = recon.clamp(0.0, 1.0)

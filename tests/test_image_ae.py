@@ -407,3 +407,49 @@ def test_rgba_palette_16bit_and_tiny_images(tmp_path):
     m = ia_train.main(["--dataset", "imagefolder", "--data-dir", str(root), "--save-dir", str(tmp_path / "lazy"),
                        *TINY, "--max-steps", "1", "--no-plots", "--val-fraction", "0.25", "--no-cache"])
     assert m["step"] == 1 and math.isfinite(m["mse"])
+
+
+def test_a_cli_run_prints_no_debug_lines(split_folder, tmp_path):
+    """``python -m image_ae.train`` in a fresh interpreter: plots included, no DEBUG log lines (importing fairseq
+    used to set the root logger to DEBUG, flooding runs with matplotlib's) and fairseq never loaded."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import runpy, sys\n"
+            "sys.argv = ['image_ae.train'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('image_ae.train', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('fairseq loaded:', any(m.split('.')[0] == 'fairseq' for m in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code, "--dataset", "imagefolder", "--data-dir", split_folder,
+                        "--save-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"],
+                       cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "fairseq loaded: False" in p.stdout
+    assert os.path.exists(tmp_path / "run" / "curves.png")
+    assert "DEBUG" not in out, [line for line in out.splitlines() if "DEBUG" in line][:5]
+
+
+def test_eval_samples_are_spread_over_a_class_sorted_folder(tmp_path):
+    """--eval-samples N on an ImageFolder sorted by class (class0 black, class1 white): the evaluated images and the
+    reconstruction grid hold both classes, the same ones for every seed."""
+    root = tmp_path / "sorted"
+    for cls, value in (("class0", 0), ("class1", 255)):
+        os.makedirs(root / "test" / cls)
+        os.makedirs(root / "train" / cls)
+        for i in range(6):
+            for split in ("train", "test"):
+                PIL.fromarray(np.full((16, 16, 3), value, np.uint8)).save(str(root / split / cls / f"{i}.png"))
+    assert ia_train.eval_indices(12, 4).tolist() == [0, 3, 6, 9]
+    grids = []
+    for seed in (1, 2):
+        save = tmp_path / f"run{seed}"
+        _run(str(root), save, "--max-steps", "1", "--eval-samples", "2", "--num-recon", "2", "--seed", str(seed),
+             "--no-plots")
+        png = sorted(f for f in os.listdir(save) if f.startswith("recon_"))[-1]
+        grid = np.asarray(PIL.open(save / png).convert("L"), dtype=np.float64)
+        tiles = [grid[2:18, 2 + 18 * i: 18 + 18 * i].mean() for i in range(2)]  # top row: the originals
+        grids.append(tiles)
+    assert grids[0] == grids[1]
+    assert min(grids[0]) < 10 and max(grids[0]) > 245, grids[0]
