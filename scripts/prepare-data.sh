@@ -34,11 +34,35 @@ find_file() {  # split lang -> path of the plain or gzipped file
   die "missing file: $raw/$1.$2 (or $raw/$1.$2.gz)"
 }
 
-mkdir -p "$out/tok" "$out/bpe"
+check_text() {  # path -> dies naming the file and line when it is not UTF-8
+  cat_any "$1" | python3 -c '
+import sys
+for i, line in enumerate(sys.stdin.buffer, 1):
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        sys.exit(f"line {i} is not UTF-8 (byte {e.start + 1}: {line[e.start:e.start + 1]!r}); convert the file, e.g. iconv -f latin1 -t utf-8")
+' 2>&1 >/dev/null | { msg=$(cat); [ -z "$msg" ] || die "$1: $msg"; }
+}
+
+# every input checked before anything is written: present, line-aligned, not empty, UTF-8
 for split in train valid test; do
   fs="$(find_file "$split" "$src")"; ft="$(find_file "$split" "$tgt")"
   ns=$(cat_any "$fs" | wc -l); nt=$(cat_any "$ft" | wc -l)
   [ "$ns" -eq "$nt" ] || die "$split: $fs has $ns lines but $ft has $nt (not line-aligned)"
+  [ "$ns" -gt 0 ] || die "$split: $fs and $ft are empty (every split needs at least one sentence pair)"
+  check_text "$fs"; check_text "$ft"
+done
+
+# built in a scratch directory next to OUT_DIR and moved into place at the end: a failure leaves no partial output
+final="$out"
+mkdir -p "$(dirname "$final")"
+out="$(mktemp -d "${final%/}.partial.XXXXXX")"
+trap 'rm -rf "$out"' EXIT
+mkdir -p "$out/tok" "$out/bpe"
+for split in train valid test; do
+  fs="$(find_file "$split" "$src")"
+  ns=$(cat_any "$fs" | wc -l)
   for lang in "$src" "$tgt"; do
     f="$(find_file "$split" "$lang")"
     echo "prepare-data.sh: tokenising $f ($ns lines)"
@@ -60,8 +84,11 @@ for split in train valid test; do
 done
 
 echo "prepare-data.sh: binarising"
-rm -rf "$out/bin"
 fairseq-preprocess --source-lang "$src" --target-lang "$tgt" --joined-dictionary \
   --trainpref "$out/bpe/train" --validpref "$out/bpe/valid" --testpref "$out/bpe/test" \
   --destdir "$out/bin" --workers "$workers" > "$out/preprocess.log" 2>&1 || { cat "$out/preprocess.log" >&2; die "fairseq-preprocess failed"; }
-echo "prepare-data.sh: done: $out/bin ($(wc -l < "$out/bin/dict.$src.txt") dictionary entries)"
+entries=$(wc -l < "$out/bin/dict.$src.txt")
+mkdir -p "$final"
+rm -rf "$final/tok" "$final/bpe" "$final/bin" "$final/preprocess.log"
+mv "$out/tok" "$out/bpe" "$out/bin" "$out/preprocess.log" "$final/"
+echo "prepare-data.sh: done: $final/bin ($entries dictionary entries)"

@@ -1,5 +1,6 @@
 """The shell scripts end to end on tiny data: prepare-data.sh -> train-teacher.sh -> distill.sh, and their errors."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,35 @@ def test_prepare_data_errors(prepared, tmp_path):
     (bad / "valid.de").unlink()
     p = run("scripts/prepare-data.sh", str(bad), str(tmp_path / "o"), check=False)
     assert p.returncode != 0 and "missing file" in p.stderr
+    (bad / "valid.de").write_text("a b\nc d\n")
+    (bad / "test.en").write_text("")
+    (bad / "test.de").write_text("")
+    p = run("scripts/prepare-data.sh", str(bad), str(tmp_path / "o"), check=False)
+    assert p.returncode != 0 and "test:" in p.stderr and "empty" in p.stderr
+    assert not os.path.exists(tmp_path / "o"), "nothing written for a rejected input"
+
+
+def test_prepare_data_names_a_non_utf8_line_and_leaves_no_partial_output(prepared, tmp_path):
+    _, raw, _ = prepared
+    bad = tmp_path / "latin1"
+    shutil.copytree(raw, bad)
+    lines = (bad / "valid.de").read_bytes().split(b"\n")
+    lines[2] = "Gr\u00fc\u00dfe".encode("latin-1")  # 0xfc: not UTF-8
+    (bad / "valid.de").write_bytes(b"\n".join(lines))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    p = run("scripts/prepare-data.sh", str(bad), str(out), "--merges", "20", "--workers", "1", check=False)
+    assert p.returncode != 0
+    assert "valid.de: line 3 is not UTF-8" in p.stderr, p.stderr
+    assert sorted(os.listdir(out)) == ["keep.txt"] and not [f for f in os.listdir(tmp_path) if "partial" in f]
+    # a failure after the checks (here: a bad --merges value for subword-nmt) leaves no partial output either
+    shutil.copy(os.path.join(raw, "valid.de"), bad / "valid.de")
+    p = run("scripts/prepare-data.sh", str(bad), str(out), "--merges", "notanumber", "--workers", "1", check=False)
+    assert p.returncode != 0
+    assert sorted(os.listdir(out)) == ["keep.txt"] and not [f for f in os.listdir(tmp_path) if "partial" in f]
+    run("scripts/prepare-data.sh", str(bad), str(out), "--merges", "20", "--workers", "1")
+    assert sorted(os.listdir(out)) == ["bin", "bpe", "keep.txt", "preprocess.log", "tok"]
 
 
 def test_teacher_and_distillation(prepared):
