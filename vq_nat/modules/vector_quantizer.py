@@ -134,9 +134,10 @@ class VectorQuantizer(nn.Module):
                 raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != z_e shape[:-1] {tuple(lead)}")
             if bool(padding_mask.any()):
                 valid = ~padding_mask.reshape(-1)
+        real = valid  # the loss covers every real position: a NaN/inf z_e makes it NaN/inf, for fairseq to see
         with torch.no_grad():
             if not bool(torch.isfinite(x.sum())):
-                # never let NaN/inf reach the codebook: such positions are treated as padding
+                # never let NaN/inf reach the codebook: such positions are treated as padding by the EM step
                 finite = torch.isfinite(x).flatten(1).all(-1)
                 valid = finite if valid is None else valid & finite
                 logger.warning("VectorQuantizer: %d non-finite encoder outputs excluded from the codebook update",
@@ -160,12 +161,12 @@ class VectorQuantizer(nn.Module):
         # (after the EMA step, as in tensor2tensor), with gradient to the codebook when update == "grad".
         z_q = self._mean_embedding(samples).reshape(z_e.shape)  # fp32
         ze32 = z_e.float()
-        if valid is None:
+        if real is None:
             def sq_err(a, c):
                 return F.mse_loss(a, c)
         else:
-            mask = valid.view(*lead, 1)
-            denom = weight.sum().clamp(min=1.0) * self.dim
+            mask = real.view(*lead, 1)
+            denom = real.sum().clamp(min=1) * self.dim
 
             def sq_err(a, c):
                 return torch.where(mask, (a - c) ** 2, torch.zeros((), device=a.device)).sum() / denom
