@@ -34,6 +34,7 @@ RUNTIME = [
 EXTRAS = {
     "test": ["pytest", "pytest-timeout"],
     "bench": ["vector-quantize-pytorch"],
+    "tensorboard": ["tensorboard"],  # the viewer for fairseq-train --tensorboard-logdir
 }
 
 if "--print-deps" in sys.argv:
