@@ -29,3 +29,12 @@ def test_vq_nat_registers_with_fairseq_loaded_first_or_on_request():
              "'latent_vq' in CRITERION_REGISTRY)")
     assert _fresh("import fairseq\nimport vq_nat\n" + check).strip() == "True True True"
     assert _fresh("import vq_nat\nvq_nat.register()\n" + check).strip() == "True True True"
+
+
+def test_the_tensorboard_viewer_is_an_extra():
+    """``pip install -e .[tensorboard]`` brings the viewer for fairseq-train's --tensorboard-logdir."""
+    from importlib.metadata import metadata
+
+    meta = metadata("vq-nat")
+    assert "tensorboard" in (meta.get_all("Provides-Extra") or [])
+    assert any(r.startswith("tensorboard") and 'extra == "tensorboard"' in r for r in meta.get_all("Requires-Dist"))
