@@ -82,11 +82,15 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-downsample", type=int, default=None,
                    help="stride-2 layers (default: as many as bring the image to the 8x8 latent grid)")
     g.add_argument("--num-residual", type=int, default=2)
-    g.add_argument("--codebook-update", "--update", dest="update", choices=("ema", "grad"), default="ema", help="codebook M-step (as fairseq's --codebook-update)")
-    g.add_argument("--codebook-decay", "--decay", dest="decay", type=float, default=0.999, help="EMA decay lambda (eq.4-5)")
-    g.add_argument("--codebook-epsilon", "--epsilon", dest="epsilon", type=float, default=1e-5, help="Laplace smoothing of EMA counts")
+    g.add_argument("--codebook-update", "--update", dest="update", choices=("ema", "grad"), default="ema",
+                   help="codebook M-step (as fairseq's --codebook-update)")
+    g.add_argument("--codebook-decay", "--decay", dest="decay", type=float, default=0.999,
+                   help="EMA decay lambda (eq.4-5)")
+    g.add_argument("--codebook-epsilon", "--epsilon", dest="epsilon", type=float, default=1e-5,
+                   help="Laplace smoothing of EMA counts")
     g.add_argument("--commitment-beta", "--beta", dest="beta", type=float, default=0.25, help="commitment loss weight")
-    g.add_argument("--soft-em-temperature", "--temperature", dest="temperature", type=float, default=1.0, help="soft-EM temperature")
+    g.add_argument("--soft-em-temperature", "--temperature", dest="temperature", type=float, default=1.0,
+                   help="soft-EM temperature")
     g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
     g.add_argument("--dead-code-threshold", type=float, default=0.0, help="re-seed codes with EMA count below")
 
@@ -113,7 +117,8 @@ def get_parser() -> argparse.ArgumentParser:
                    "always at the end")
     g.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: at each "
                    "evaluation); always at the end")
-    g.add_argument("--eval-samples", type=int, default=0, help="evaluate on N images evenly spaced over the split, the same for every seed (0: all)")
+    g.add_argument("--eval-samples", type=int, default=0,
+                   help="evaluate on N images evenly spaced over the split, the same for every seed (0: all)")
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--num-recon", type=int, default=8, help="images in each reconstruction grid")

@@ -80,9 +80,9 @@ class LatentPredictor(nn.Module):
         self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
         sample: Optional[Tensor] = None, temperature: float = 1.0,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents`` codes): greedy, or for the
-        rows where ``sample`` (B,) is True, ancestral sampling from softmax(logits / temperature) (the
-        candidates of noisy parallel decoding).
+        """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents``
+        codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from
+        softmax(logits / temperature) (the candidates of noisy parallel decoding).
 
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
         of each sentence's codes and END.
