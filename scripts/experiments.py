@@ -57,7 +57,7 @@ class Run:
     decodes: dict = field(default_factory=dict)
 
 
-def lt_run(bottleneck="em", distilled=False, codes=512, samples=10, nc=3, seed=1, reseed=True, label=None):
+def lt_run(bottleneck="em", distilled=False, codes=512, samples=10, nc=1, seed=1, reseed=True, label=None):
     name = f"lt-{bottleneck}-{'distill' if distilled else 'raw'}-K{codes}-m{samples}-nc{nc}-s{seed}"
     if not reseed:
         name += "-noreseed"
@@ -103,21 +103,21 @@ def table1_runs(work):
     teacher = os.path.join(work, ar_run().name, "checkpoint_last.pt")  # the table's AR model rescores NPD
     base = next(iter(em_distill.decodes.values()))
     for k in (4, 8):
-        em_distill.decodes[f"LT em (m=10), nc=3, K=512 + distillation, NPD k={k} (AR rescoring)"] = base + [
+        em_distill.decodes[f"LT em (m=10), nc=1, K=512 + distillation, NPD k={k} (AR rescoring)"] = base + [
             "--npd-candidates", str(k), "--npd-teacher", teacher]
     return [
         ar_run(),
         lt_run("vq"), lt_run("em"),
         lt_run("vq", distilled=True), em_distill,
-        lt_run("em", distilled=True, nc=4),
+        lt_run("em", distilled=True, nc=3),
         lev_run("nonautoregressive_transformer"), lev_run("cmlm_transformer"),
     ]
 
 
-ABLATIONS = {  # Tables 2-4: soft EM + distillation, one factor changed from the base (K=512, m=10, nc=3)
+ABLATIONS = {  # Tables 2-4: soft EM + distillation, one factor changed from the base (K=512, m=10, nc=1)
     **{f"K{k}": dict(codes=k) for k in (256, 512, 1024, 4096, 16384)},
     **{f"m{m}": dict(samples=m) for m in (1, 5, 10, 25)},
-    **{f"nc{n}": dict(nc=n) for n in (3, 4)},
+    **{f"nc{n}": dict(nc=n) for n in (2, 3, 4)},
 }
 
 
@@ -129,12 +129,13 @@ def ablation_runs(only=None):
     return [lt_run("em", distilled=True, **ABLATIONS[k]) for k in keys]
 
 
-LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=3, K=512, m=10, t2t masking over 400)
+LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=1, K=512, m=10, t2t masking over 400)
     "base": [],
     "stop": ["--latent-input-gradient", "stop"],  # t2t: the latent loss does not train the autoencoder
     "flow": ["--latent-input-gradient", "flow"],
     "nc1": ["--num-compress-steps", "1"],
     "nc2": ["--num-compress-steps", "2"],
+    "nc3": ["--num-compress-steps", "3"],  # the preset's nc before the lever study
     "K2048": ["--num-codes", "2048"],
     "blocks2": ["--num-blocks", "2"],
     "glat": ["--glancing-ratio", "0.5"],  # GLAT's glancing instead of the masking schedule
@@ -186,9 +187,12 @@ def execute_levers(combos, args):
 
 
 def robustness_runs(seeds, reseed=False):
+    """Figure 3 analog: hard vs soft EM per seed, validated each epoch with greedy BLEU and with the BLEU of
+    teacher-forced decoding from the autoencoder's own latents (``bleu_oracle``, the paper's y-axis)."""
     runs = [lt_run(b, seed=s, reseed=reseed) for b in ("vq", "em") for s in seeds]
-    if reseed:  # never the Table-1 runs of the same settings (other budget, log interval)
-        for r in runs:
+    for r in runs:
+        r.train_args += EVAL_BLEU
+        if reseed:  # never the Table-1 runs of the same settings (other budget, log interval)
             r.name += "-fig3"
     return runs
 
@@ -369,8 +373,23 @@ def report(args):
     print("\n".join(out))
 
 
+def read_robustness_log(log):
+    """(train points [(update, code_ppl, codes_used)], valid points [(update, bleu, bleu_oracle)]) of a json log."""
+    train_pts, valid_pts = [], {}
+    for line in open(log):
+        if not line.startswith('{"'):  # fairseq's json log lines (the file also holds the config dump)
+            continue
+        d = json.loads(line)
+        if "code_ppl" in d and "num_updates" in d:  # train_inner (epoch/valid stats have prefixed keys)
+            train_pts.append((int(d["num_updates"]), float(d["code_ppl"]), float(d["codes_used"])))
+        if "valid_bleu_oracle" in d and "valid_num_updates" in d:
+            valid_pts[int(d["valid_num_updates"])] = (float(d["valid_bleu"]), float(d["valid_bleu_oracle"]))
+    return train_pts, [(u, b, o) for u, (b, o) in sorted(valid_pts.items())]
+
+
 def plot_robustness(args, reseed=False):
-    """Figure 3 analog: code perplexity and fraction of codes used over updates, hard vs soft EM, each seed."""
+    """Figure 3 analog: teacher-forced valid BLEU (decoding from the reference's own latents), greedy valid BLEU
+    and code perplexity over updates, hard vs soft EM, each seed."""
     import logging
 
     import matplotlib
@@ -379,43 +398,42 @@ def plot_robustness(args, reseed=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     summary = []
     for run in robustness_runs(args.seeds, reseed):
         log = os.path.join(args.work, run.name, "train.log")
         if not os.path.exists(log):
             continue
-        xs, ppl, used = [], [], []
-        for line in open(log):
-            if not line.startswith('{"'):  # fairseq's json log lines (the file also holds the config dump)
-                continue
-            d = json.loads(line)
-            if "code_ppl" in d and "num_updates" in d:  # train_inner (epoch/valid stats have prefixed keys)
-                xs.append(int(d["num_updates"]))
-                ppl.append(float(d["code_ppl"]))
-                used.append(float(d["codes_used"]))
+        train_pts, valid_pts = read_robustness_log(log)
         hard = "-vq-" in run.name
         seed = re.search(r"-s(\d+)", run.name).group(1)
         style = dict(color="tab:red" if hard else "tab:blue", ls="-" if hard else "--", alpha=0.8,
                      label=("hard EM (vq)" if hard else "soft EM (em, m=10)") + f", seed {seed}")
-        axes[0].plot(xs, ppl, **style)
-        axes[1].plot(xs, used, **style)
-        if xs:
-            summary.append((run.name, xs[-1], ppl[-1], used[-1], max(ppl)))
+        if valid_pts:
+            axes[0].plot([u for u, _, _ in valid_pts], [o for _, _, o in valid_pts], marker="o", **style)
+            axes[1].plot([u for u, _, _ in valid_pts], [b for _, b, _ in valid_pts], marker="o", **style)
+        if train_pts:
+            axes[2].plot([u for u, _, _ in train_pts], [p for _, p, _ in train_pts], **style)
+            last_valid = valid_pts[-1] if valid_pts else (None, float("nan"), float("nan"))
+            summary.append((run.name, train_pts[-1][0], last_valid[2], last_valid[1], train_pts[-1][1],
+                            max(p for _, p, _ in train_pts)))
     if not summary:
         sys.exit("experiments.py: no robustness runs found under " + args.work)
     variant = "dead-code re-seeding 0.1" if reseed else "no re-seeding"
-    axes[0].set(xlabel="update", ylabel="code perplexity", yscale="log",
+    axes[0].set(xlabel="update", ylabel="valid BLEU, teacher-forced latents",
+                title="BLEU from the autoencoder's own latents")
+    axes[1].set(xlabel="update", ylabel="valid BLEU, predicted latents", title="greedy BLEU")
+    axes[2].set(xlabel="update", ylabel="code perplexity", yscale="log",
                 title=f"code perplexity (of K=512), EMA decay 0.99, {variant}")
-    axes[1].set(xlabel="update", ylabel="fraction of codes used per batch", title="codes used")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     png = os.path.join(args.work, "robustness-reseed.png" if reseed else "robustness.png")
     fig.savefig(png, dpi=120)
     print(f"experiments.py: wrote {png}")
-    print("| run | last update | code ppl (last) | codes used (last) | max code ppl |\n|---|---|---|---|---|")
-    for name, x, p, u, mx in summary:
-        print(f"| {name} | {x} | {p:.1f} | {u:.3f} | {mx:.1f} |")
+    print("| run | last update | teacher-forced BLEU (last valid) | BLEU (last valid) | code ppl (last) "
+          "| max code ppl |\n|---|---|---|---|---|---|")
+    for name, x, o, b, p, mx in summary:
+        print(f"| {name} | {x} | {o:.2f} | {b:.2f} | {p:.1f} | {mx:.1f} |")
 
 
 def main(argv=None):

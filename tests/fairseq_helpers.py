@@ -49,7 +49,7 @@ TINY = [
     "--arch", "latent_transformer_tiny", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
     "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-layers", "1",
     "--decoder-layers", "1", "--latent-layers", "1", "--encoder-attention-heads", "2",
-    "--decoder-attention-heads", "2", "--num-codes", "16",
+    "--decoder-attention-heads", "2", "--num-codes", "16", "--num-compress-steps", "3",
 ]
 
 

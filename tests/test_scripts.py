@@ -126,12 +126,12 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
 
     root, raw, out = prepared
     data_bin, work = os.path.join(out, "bin"), str(root / "exp")
-    lt = "lt-em-raw-K512-m10-nc3-s1"
+    lt = "lt-em-raw-K512-m10-nc1-s1"
     args = ["scripts/experiments.py", "table1", "--data", data_bin, "--raw", raw, "--work", work,
             "--max-update", "2", "--max-tokens", "500", "--log-interval", "1", "--only", lt, "ar"]
     py(*args)
     rows = [json.loads(line) for line in open(os.path.join(work, "results.jsonl"))]
-    assert [r["label"] for r in rows] == ["LT em (m=10), nc=3, K=512", "AR transformer, beam 4",
+    assert [r["label"] for r in rows] == ["LT em (m=10), nc=1, K=512", "AR transformer, beam 4",
                                           "AR transformer, greedy"]
     for r in rows:
         assert 0.0 <= r["bleu"] <= 100.0 and r["ms_b1"] > 0 and r["ms_b64"] > 0 and r["updates"] == 2
@@ -140,17 +140,17 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     p = py(*args)
     assert f"{lt}: trained (2 updates)" in p.stdout and "fairseq-generate" not in p.stdout
     # the distilled rows need the distilled data
-    p = py(*args[:-2], "lt-em-distill-K512-m10-nc3-s1", check=False)
+    p = py(*args[:-2], "lt-em-distill-K512-m10-nc1-s1", check=False)
     assert p.returncode != 0 and "needs --distill" in p.stderr
     report = py("scripts/experiments.py", "report", "--work", work).stdout
     assert "| AR transformer, greedy | 2 " in report and "1.00× / 1.00×" in report
-    assert "| K1024 | lt-em-distill-K1024-m10-nc3-s1 | not run | not run |" in report
+    assert "| K1024 | lt-em-distill-K1024-m10-nc1-s1 | not run | not run |" in report
 
     p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,
            "--seeds", "1", "--max-update", "3", "--max-tokens", "500", "--log-interval", "1")
     assert os.path.getsize(os.path.join(work, "robustness.png")) > 0
-    assert "| lt-vq-raw-K512-m10-nc3-s1-noreseed | 3 |" in p.stdout
-    assert "| lt-em-raw-K512-m10-nc3-s1-noreseed | 3 |" in p.stdout
+    assert "| lt-vq-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
+    assert "| lt-em-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
 
     # the speed benchmarks run end to end (their numbers are measured in the README, never asserted here)
     import re
