@@ -66,7 +66,8 @@ def lt_run(bottleneck="em", distilled=False, codes=512, samples=10, nc=1, seed=1
         "--bottleneck", bottleneck, "--num-codes", str(codes), "--num-samples", str(samples),
         "--num-compress-steps", str(nc), "--mask-startup-steps", "400", "--codebook-decay", "0.99",
         "--share-all-embeddings", "--seed", str(seed),
-    ] + (["--dead-code-threshold", "0.1"] if reseed else [])
+        "--dead-code-threshold", "0.1" if reseed else "0",
+    ]
     label = label or f"LT {bottleneck}{' (m=%d)' % samples if bottleneck == 'em' else ''}, nc={nc}, K={codes}" + (
         " + distillation" if distilled else "")
     return Run(name, "lt", distilled, args, {label: ["--task", "latent_translation"] + LENGTH})
