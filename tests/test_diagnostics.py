@@ -156,6 +156,45 @@ def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_prob
         LatentGenerator(task.target_dictionary, npd_candidates=2, npd_teacher=object(), latent_beam=2)
 
 
+def test_latent_end_penalty_lengthens_greedy_latents_monotonically_and_keeps_true_scores(tmp_path):
+    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0"])
+    model.eval()
+    sample = make_sample(task.target_dictionary, [3, 8, 20, 1, 13])
+    lp, emb = model.decoder.latent_predictor, model.decoder.bottleneck.embed_codes
+    with torch.no_grad():
+        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+        base = lp.generate(enc, emb, 6, 5)
+        same = lp.generate(enc, emb, 6, 5, end_penalty=0.0)
+        assert all(torch.equal(a, b) for a, b in zip(base, same))
+        lengths = [(~lp.generate(enc, emb, 6, 5, end_penalty=p)[1]).sum(1) for p in (-1e4, -1.0, 0.0, 1.0, 3.0, 1e4)]
+        assert (lengths[0] == 1).all() and (lengths[-1] == 6).all()
+        for shorter, longer in zip(lengths, lengths[1:]):
+            assert (longer >= shorter).all()
+        # the scores are the model's own log-probabilities of the chosen codes and END, without the penalty
+        codes, pad, scores = lp.generate(enc, emb, 6, 5, end_penalty=3.0)
+        logits = lp(emb(codes).masked_fill(pad.unsqueeze(-1), 0.0), pad, enc)[:, :, 0]
+        lprobs = torch.log_softmax(logits, -1)
+        for r in range(5):
+            n = int((~pad[r]).sum())
+            want = sum(float(lprobs[r, j, codes[r, j]]) for j in range(n)) + float(lprobs[r, n, lp.end])
+            assert scores[r].item() == pytest.approx(want, abs=1e-4)
+        _, b_pad, _ = lp.beam_search(enc, emb, 6, 5, beam=2, end_penalty=1e4)
+        assert ((~b_pad).sum(1) == 6).all()
+
+    args = type("A", (), {"max_len_a": 0, "max_len_b": 50})()
+    out_lengths = {}
+    for p in (-1e4, 1e4):
+        task.cfg.latent_end_penalty = p
+        try:
+            hypos = task.build_generator([model], args).generate([model], sample)
+        finally:
+            task.cfg.latent_end_penalty = 0.0
+        out_lengths[p] = [len(h[0]["latents"]) for h in hypos]
+    assert out_lengths[-1e4] == [1] * 5 and min(out_lengths[1e4]) > 1
+    with pytest.raises(ValueError, match="latent-end-penalty"):
+        LatentGenerator(task.target_dictionary, latent_end_penalty=float("nan"))
+
+
 def test_validation_logs_oracle_bleu_and_posterior_entropy(tmp_path, caplog):
     import logging
 

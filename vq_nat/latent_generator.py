@@ -19,6 +19,10 @@ Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best late
 predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by latent score is decoded, or, with
 ``npd_teacher``, all k are decoded in one parallel pass and the teacher picks as for NPD.
 
+Latent length (``latent_end_penalty`` P, ``--latent-end-penalty``): the latent predictor's END is chosen as if its
+log-probability were lower by P, so P > 0 gives longer latent sequences (and outputs), P < 0 shorter ones; the
+value is chosen on valid like fairseq's ``--lenpen``.
+
 Teacher-forced decoding (``oracle_latents``, ``--oracle-latents``): the latents are the autoencoder's own codes
 of the reference (``LatentDecoder.reference_codes``) instead of the predicted ones; the BLEU it gives bounds what
 a perfect latent predictor would reach (the y-axis of the paper's Figure 3).
@@ -35,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1):
+                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1, latent_end_penalty: float = 0.0):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if npd_candidates > 1 and npd_teacher is None:
@@ -52,6 +56,9 @@ class LatentGenerator:
         self.npd_candidates = npd_candidates
         self.oracle_latents = oracle_latents
         self.latent_beam = latent_beam
+        if latent_end_penalty != latent_end_penalty or abs(latent_end_penalty) == float("inf"):
+            raise ValueError(f"--latent-end-penalty must be a finite number, got {latent_end_penalty}")
+        self.latent_end_penalty = float(latent_end_penalty)
         self.teacher = npd_teacher
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
@@ -100,7 +107,7 @@ class LatentGenerator:
             dec = model.decoder
             max_latents = max(1, min(int(budget.max()), dec.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, beam_scores = dec.latent_predictor.beam_search(
-                encoder_out, dec.bottleneck.embed_codes, max_latents, b, beam)
+                encoder_out, dec.bottleneck.embed_codes, max_latents, b, beam, end_penalty=self.latent_end_penalty)
             if self.teacher is None:  # chosen by latent score: each sentence's best sequence
                 first = torch.arange(b, device=codes.device) * beam
                 codes, latent_pad, beam_scores = codes[first], latent_pad[first], beam_scores[first]
@@ -112,7 +119,7 @@ class LatentGenerator:
             given = dict(codes=codes, latent_pad=latent_pad)
         tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
             encoder_out, int(limits.max()) if limits is not None else 0, latent_budget=budget,
-            sample=sample_rows, token_budget=limits, **given,
+            sample=sample_rows, token_budget=limits, end_penalty=self.latent_end_penalty, **given,
         )
         if beam_scores is not None:
             latent_scores = beam_scores

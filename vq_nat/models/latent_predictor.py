@@ -78,11 +78,15 @@ class LatentPredictor(nn.Module):
     @torch.no_grad()
     def generate(
         self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
-        sample: Optional[Tensor] = None, temperature: float = 1.0,
+        sample: Optional[Tensor] = None, temperature: float = 1.0, end_penalty: float = 0.0,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents``
         codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from
         softmax(logits / temperature) (the candidates of noisy parallel decoding).
+
+        ``end_penalty`` P: the choice is made as if log p(END) were lower by P (longer latent sequences for
+        P > 0, shorter for P < 0, ``--latent-end-penalty``); the returned scores are the model's own
+        log-probabilities of what was chosen.
 
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
         of each sentence's codes and END.
@@ -101,13 +105,17 @@ class LatentPredictor(nn.Module):
                 picked.append(torch.full((batch_size, self.num_blocks), self.end, dtype=torch.long, device=device))
                 picked_lp.append(F.pad(lprobs[:, :1, self.end], (0, self.num_blocks - 1)))
                 break
-            best, idx = lprobs.max(-1)  # (B, num_blocks)
+            choose = lprobs
+            if end_penalty != 0.0 and t > 0:
+                choose = lprobs.clone()
+                choose[:, 0, self.end] -= end_penalty
+            idx = choose.argmax(-1)  # (B, num_blocks)
             if sample is not None:
                 drawn = torch.multinomial(
-                    F.softmax(lprobs.flatten(0, 1) / temperature, dim=-1), 1
+                    F.softmax(choose.flatten(0, 1) / temperature, dim=-1), 1
                 ).view_as(idx)
                 idx = torch.where(sample.unsqueeze(1), drawn, idx)
-                best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
             picked.append(idx)
             picked_lp.append(best)
             finished |= idx[:, 0] == self.end
@@ -130,14 +138,15 @@ class LatentPredictor(nn.Module):
 
 
     @torch.no_grad()
-    def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int
-                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int,
+                    end_penalty: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
         """The ``beam`` best latent sequences of every sentence (beam search, one code per position, END ends a
         sequence; ranked by the mean log-probability of their codes and END, as fairseq's length penalty 1).
 
         Each step re-runs the teacher-forced ``forward`` on the prefixes (latent sequences are a few positions
         long). Returns codes (B * beam, L), their padding mask and scores (B * beam,), sentence-major with each
-        sentence's best sequence first. ``beam`` = 1 is greedy decoding (``generate``).
+        sentence's best sequence first. ``beam`` = 1 is greedy decoding (``generate``). ``end_penalty`` P is
+        subtracted from log p(END) wherever END is optional, and is part of the scores.
         """
         if self.num_blocks != 1:
             raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
@@ -158,8 +167,10 @@ class LatentPredictor(nn.Module):
             lprobs = F.log_softmax(logits.float(), dim=-1)
             if t == 0:
                 lprobs[:, self.end] = float("-inf")  # every target has >= 1 latent
-            if t == max_latents:  # out of budget: END is forced
+            elif t == max_latents:  # out of budget: END is forced
                 lprobs[:, : self.end] = float("-inf")
+            else:
+                lprobs[:, self.end] -= end_penalty
             # finished sequences continue with END only, at no cost
             lprobs = torch.where(done.unsqueeze(1), torch.full_like(lprobs, float("-inf")), lprobs)
             lprobs[done, self.end] = 0.0

@@ -387,13 +387,13 @@ class LatentDecoder(FairseqDecoder):
     @torch.no_grad()
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
                  sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None,
-                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None):
+                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None, end_penalty: float = 0.0):
         """Predict the latents autoregressively (greedy, cached, early stop at END; rows flagged in ``sample``
         draw their codes instead), then decode all target positions in one parallel pass.
 
         ``codes`` (B, L[, blocks]) with their ``latent_pad``: decode these latents instead of predicted ones
         (teacher-forced decoding with ``reference_codes``: the bound a perfect latent predictor would reach);
-        their latent score is 0.
+        their latent score is 0. ``end_penalty``: see ``LatentPredictor.generate``.
 
         Only the positions a hypothesis can use (its latents × 2^nc, at most ``token_budget``) go through the
         output projection and softmax, packed across the batch: the padded remainder of the batch's longest
@@ -406,7 +406,8 @@ class LatentDecoder(FairseqDecoder):
             max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
                                      self.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, latent_scores = self.latent_predictor.generate(
-                encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample
+                encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample,
+                end_penalty=end_penalty,
             )
         else:
             if latent_pad is None or latent_pad.shape != codes.shape[:2]:

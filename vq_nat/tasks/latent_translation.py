@@ -43,6 +43,11 @@ class LatentTranslationConfig(TranslationConfig):
         default=1, metadata={"help": "beam search over latent sequences: decode the best of the k best by latent "
                                      "score, or with --npd-teacher all k in one parallel pass, the teacher picking"}
     )
+    latent_end_penalty: float = field(
+        default=0.0, metadata={"help": "subtract P from the latent predictor's log-probability of END when "
+                                       "choosing: P > 0 gives longer latent sequences and translations, P < 0 "
+                                       "shorter (choose on valid, as fairseq's --lenpen)"}
+    )
     oracle_latents: bool = field(
         default=False, metadata={"help": "teacher-forced decoding: decode the autoencoder's own latents of the "
                                          "reference instead of the predicted ones (an upper bound on what a "
@@ -100,6 +105,7 @@ class LatentTranslationTask(TranslationTask):
             npd_teacher=teacher,
             oracle_latents=self.cfg.oracle_latents,
             latent_beam=self.cfg.latent_beam,
+            latent_end_penalty=self.cfg.latent_end_penalty,
         )
 
     def load_npd_teacher(self, path, models):
