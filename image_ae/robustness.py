@@ -5,7 +5,8 @@
 
 Trains one model per (bottleneck, seed) in ``SAVE_DIR/<bottleneck>_seed<seed>/`` (each resumable: a rerun
 continues or only re-evaluates finished runs), then writes
-  robustness.md / robustness.json   a table: final MSE, PSNR, code perplexity, used codes, collapsed or not,
+  robustness.md / robustness.json   a table: final MSE, PSNR, code perplexity, used codes, E-step posterior
+                                    entropy, collapsed or not,
                                     and per-bottleneck mean / std / worst PSNR
   robustness.png                    PSNR and code usage per run
   robustness_recons.png             every run's final reconstructions (Figure 5: VQ-VAE left, EM right)
@@ -47,13 +48,15 @@ def _stats(values: List[float]):
 
 def write_table(rows: List[dict], path: str, collapse_frac: float, train_args: List[str]) -> str:
     lines = [
-        "| bottleneck | seed | steps | MSE | PSNR (dB) | code ppl | codes used | collapsed | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| bottleneck | seed | steps | MSE | PSNR (dB) | code ppl | codes used | posterior entropy (nats) | collapsed "
+        "| train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['bottleneck']} | {r['seed']} | {r['step']} | {r['mse']:.5f} | {r['psnr']:.2f} | "
-            f"{r['code_ppl']:.1f} | {r['codes_used']}/{r['num_codes']} | {'yes' if r['collapsed'] else 'no'} | "
+            f"{r['code_ppl']:.1f} | {r['codes_used']}/{r['num_codes']} | {r['posterior_entropy']:.3f} | "
+            f"{'yes' if r['collapsed'] else 'no'} | "
             f"{r['train_time_s']:.0f} |"
         )
     lines += ["", "| bottleneck | runs | PSNR mean ± std | worst PSNR | mean code ppl | collapsed |",
@@ -136,6 +139,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             rows.append({
                 "bottleneck": b, "seed": seed, "step": m["step"], "mse": m["mse"], "psnr": m["psnr"],
                 "code_ppl": m["code_ppl"], "codes_used": m["codes_used"], "num_codes": m["num_codes"],
+                "posterior_entropy": m.get("posterior_entropy", float("nan")),  # older runs' metrics lack it
                 "collapsed": m["code_ppl"] < args.collapse_frac * m["num_codes"],
                 "train_time_s": log[-1]["elapsed_s"] if log else time.time() - t,
                 "wall_this_call_s": time.time() - t, "run_dir": run_dir,

@@ -19,7 +19,10 @@ Metrics (on ``--eval-samples`` images evenly spaced over the evaluation split (a
   code_ppl = exp(entropy) of the distribution of nearest-code assignments over all latents of the split;
   codes_used = number of distinct codes that are the nearest code of at least one latent
   (``codes_used_frac`` = codes_used / num_codes). For ``em`` the nearest code is the mode of the sampled
-  posterior; ``sample_code_ppl`` is the perplexity of the codes actually sampled.
+  posterior; ``sample_code_ppl`` is the perplexity of the codes actually sampled;
+  posterior_entropy = mean entropy (nats) per latent of the E-step posterior q(j | z_e) = softmax_j(-||z_e -
+  e_j||^2 / T), T = ``--soft-em-temperature`` (0 when one-hot, log K when uniform; it rises with T). Soft EM
+  samples from it; for ``vq`` it is what soft EM at T would sample from.
 """
 import argparse
 import json
@@ -217,7 +220,7 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
     model.eval()
     n = len(test) if args.eval_samples <= 0 else min(args.eval_samples, len(test))
     k = model.config.num_codes
-    sq_err, pixels = 0.0, 0
+    sq_err, pixels, entropy_sum, images = 0.0, 0, 0.0, 0
     nearest = torch.zeros(k, dtype=torch.float64)
     sampled = torch.zeros(k, dtype=torch.float64)
     grid = None
@@ -232,6 +235,8 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
             pixels += x.numel()
             nearest += torch.bincount(model.nearest_codes(z_e).cpu(), minlength=k).double()
             sampled += out.targets.reshape(-1, k).double().sum(0).cpu()
+            entropy_sum += float(out.posterior_entropy) * len(x)  # every image has the same number of latents
+            images += len(x)
             if grid is None:
                 r = min(args.num_recon, len(x))
                 grid = torch.cat([x[:r], recon[:r]]).cpu()
@@ -250,6 +255,7 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
         "codes_used": used,
         "codes_used_frac": used / k,
         "sample_code_ppl": ppl(sampled),
+        "posterior_entropy": entropy_sum / max(images, 1),
         "num_codes": k,
         "eval_images": n,
         "bottleneck": model.config.bottleneck,
@@ -457,7 +463,7 @@ def _main(args) -> dict:
         if step % args.log_interval == 0 or step == total:
             row = {"step": step, "epoch": step / steps_per_epoch, "loss": lv,
                    "recon_mse": float(recon_mse.detach()), "vq_loss": float(out.loss.detach()),
-                   "code_ppl": float(out.perplexity),
+                   "code_ppl": float(out.perplexity), "posterior_entropy": float(out.posterior_entropy),
                    "codes_used_frac": float(out.codes_used), "lr": lr, "elapsed_s": time.time() - t0}
             append_jsonl(log_path, row)
             bar.set_postfix(loss=f"{run_loss:.4f}", ppl=f"{row['code_ppl']:.1f}", refresh=False)
@@ -480,7 +486,7 @@ def _evaluate_and_log(model, test, args, device, step, metrics_path, log_path, t
     rows = [r for r in read_jsonl(metrics_path) if r["step"] != step] + [m]
     write_jsonl(metrics_path, rows)
     msg = (f"eval step {step}: mse {m['mse']:.5f}  psnr {m['psnr']:.2f} dB  code_ppl {m['code_ppl']:.1f}  "
-           f"codes_used {m['codes_used']}/{m['num_codes']}")
+           f"codes_used {m['codes_used']}/{m['num_codes']}  posterior_entropy {m['posterior_entropy']:.3f}")
     if bar is not None and not bar.disable:
         bar.write(msg)
     else:

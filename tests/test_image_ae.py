@@ -453,3 +453,36 @@ def test_eval_samples_are_spread_over_a_class_sorted_folder(tmp_path):
         grids.append(tiles)
     assert grids[0] == grids[1]
     assert min(grids[0]) < 10 and max(grids[0]) > 245, grids[0]
+
+
+@pytest.mark.parametrize("bottleneck", ["vq", "em"])
+def test_eval_posterior_entropy_equals_numpy_and_rises_with_temperature(split_folder, tmp_path, bottleneck):
+    """metrics.jsonl's posterior_entropy is the mean over the evaluation images' latents of the entropy of
+    softmax_j(-||z_e - e_j||^2 / T), recomputed here in numpy from the saved model; a hotter E-step is softer."""
+    from image_ae.data import build_splits
+    from image_ae.models import ImageAutoencoder, build_config
+
+    got = {}
+    for t in (0.01, 1.0, 100.0):
+        save = tmp_path / f"{bottleneck}-T{t}"
+        m = _run(split_folder, save, "--bottleneck", bottleneck, "--max-steps", "2", "--soft-em-temperature", str(t),
+                 "--no-plots")
+        got[t] = m["posterior_entropy"]
+        state = _state(save)
+        a = state["args"]
+        splits = build_splits("imagefolder", split_folder, a["image_size"], a["channels"], progress=False)
+        overrides = {k: a[k] for k in ia_train.MODEL_KEYS if k not in ("arch", "image_size", "channels", "seed")}
+        model = ImageAutoencoder(build_config(a["arch"], a["channels"], a["image_size"], overrides))
+        model.load_state_dict(state["model"])
+        model.eval()
+        x = torch.stack([splits.test[i] for i in range(len(splits.test))])  # in [0, 1]
+        with torch.no_grad():
+            z = model.encode(x).reshape(-1, model.config.code_dim).double().numpy()
+        e = model.quantizer.embed[0].double().numpy()
+        logits = -((z[:, None, :] - e[None, :, :]) ** 2).sum(-1) / t
+        q = np.exp(logits - logits.max(1, keepdims=True))
+        q /= q.sum(1, keepdims=True)
+        want = float(-(q * np.log(np.clip(q, 1e-300, None))).sum(1).mean())
+        assert m["posterior_entropy"] == pytest.approx(want, rel=1e-3, abs=1e-4)
+        assert 0.0 <= m["posterior_entropy"] <= np.log(8) + 1e-6
+    assert got[0.01] <= got[1.0] <= got[100.0] and got[100.0] > got[0.01]
