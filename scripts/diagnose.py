@@ -4,7 +4,8 @@
     python scripts/diagnose.py DATA_BIN --path LT.pt [--subset valid] [--ref RAW_REF] [--cpu] [--json OUT]
 
 On every sentence of ``--subset`` it measures:
-  bleu           sacreBLEU of ordinary decoding (greedy latents from the latent predictor)
+  bleu           sacreBLEU of ordinary decoding (greedy latents from the latent predictor, with
+                 ``--latent-end-penalty`` when given); len_ratio  its output / reference length (sacreBLEU's)
   bleu_oracle    sacreBLEU of teacher-forced decoding: the autoencoder's own codes of the reference
                  (``--oracle-latents``), i.e. what a perfect latent predictor would give (paper Figure 3's y-axis)
   lp_acc         latent-predictor accuracy on the reference codes, teacher-forced (every block right)
@@ -38,6 +39,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--latent-end-penalty", type=float, default=0.0,
+                   help="ordinary decoding's END penalty (see fairseq-generate --latent-end-penalty)")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--label", default="", help="stored with the JSON line")
     p.add_argument("--cpu", action="store_true")
@@ -55,7 +58,7 @@ def main(argv=None):
 
     dec = model.decoder
     tgt_dict = task.target_dictionary
-    greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b)
+    greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, latent_end_penalty=args.latent_end_penalty)
     oracle = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, oracle_latents=True)
     soft = getattr(dec.bottleneck, "assignment", None) == "soft"
 
@@ -125,11 +128,15 @@ def main(argv=None):
     bleu = BLEU()
 
     def score(store):
-        return round(bleu.corpus_score([md.detokenize(store[i][0].split()) for i in order], [references]).score, 2)
+        return bleu.corpus_score([md.detokenize(store[i][0].split()) for i in order], [references])
+
+    greedy_score = score(hyps)
 
     report = {
         "label": args.label, "path": args.path, "subset": args.subset, "sentences": n_sent,
-        "bleu": score(hyps), "bleu_oracle": score(hyps_oracle),
+        "bleu": round(greedy_score.score, 2), "bleu_oracle": round(score(hyps_oracle).score, 2),
+        "len_ratio": round(greedy_score.sys_len / max(greedy_score.ref_len, 1), 4),
+        "latent_end_penalty": args.latent_end_penalty,
         "lp_acc": round(lp_right / max(n_lat, 1), 4), "lp_end_acc": round(end_right / max(n_sent, 1), 4),
         "len_err": round(len_err / max(n_sent, 1), 3), "len_abs_err": round(len_abs / max(n_sent, 1), 3),
         "len_short": round(short / max(n_sent, 1), 4), "latents_per_sentence": round(n_lat / max(n_sent, 1), 2),

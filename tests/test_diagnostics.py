@@ -108,11 +108,12 @@ def test_fairseq_generate_oracle_latents_and_the_diagnosis_script(tmp_path):
 
     report = diagnose.main([dest, "--path", ckpt, "--subset", "valid", "--cpu", "--max-len-b", "40"])
     for key in ("bleu", "bleu_oracle", "lp_acc", "lp_end_acc", "len_err", "len_abs_err", "codes_ae",
-                "codes_pred", "post_ent", "sample_codes", "sentences", "ze_spread"):
+                "codes_pred", "post_ent", "sample_codes", "sentences", "ze_spread", "len_ratio"):
         assert key in report, key
     assert report["sentences"] == 16
     assert 0.0 <= report["lp_acc"] <= 1.0 and report["len_abs_err"] >= abs(report["len_err"])
     assert 0.0 <= report["ze_spread"] <= 1.0
+    assert report["len_ratio"] > 0.0 and report["latent_end_penalty"] == 0.0
 
 
 def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_probabilities(tmp_path):
