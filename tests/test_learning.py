@@ -9,7 +9,8 @@ SMALL = [
     "--arch", "latent_transformer_tiny", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
     "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128", "--encoder-layers", "2",
     "--decoder-layers", "2", "--latent-layers", "2", "--encoder-attention-heads", "4",
-    "--decoder-attention-heads", "4", "--num-codes", "64", "--share-all-embeddings",
+    "--decoder-attention-heads", "4", "--num-codes", "64", "--num-compress-steps", "3",
+    "--share-all-embeddings",
 ]
 
 
