@@ -116,13 +116,19 @@ def test_fairseq_generate_oracle_latents_and_the_diagnosis_script(tmp_path):
     assert report["len_ratio"] > 0.0 and report["latent_end_penalty"] == 0.0
 
 
-def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_probabilities(tmp_path):
+def _predictor_setup(tmp_path):
+    """A tiny vq model in eval mode, a 5-sentence sample, its latent predictor, code embedding and encoding."""
     task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0"])
     model.eval()
     sample = make_sample(task.target_dictionary, [3, 8, 20, 1, 13])
-    lp, emb = model.decoder.latent_predictor, model.decoder.bottleneck.embed_codes
     with torch.no_grad():
         enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+    return task, model, sample, model.decoder.latent_predictor, model.decoder.bottleneck.embed_codes, enc
+
+
+def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_probabilities(tmp_path):
+    task, model, sample, lp, emb, enc = _predictor_setup(tmp_path)
+    with torch.no_grad():
         g_codes, g_pad, g_scores = lp.generate(enc, emb, 6, 5)
         b_codes, b_pad, b_scores = lp.beam_search(enc, emb, 6, 5, beam=1)
         assert torch.equal(b_pad, g_pad) and torch.equal(b_codes.masked_fill(b_pad, 0), g_codes.masked_fill(g_pad, 0))
@@ -158,12 +164,8 @@ def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_prob
 
 
 def test_latent_end_penalty_lengthens_greedy_latents_monotonically_and_keeps_true_scores(tmp_path):
-    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0"])
-    model.eval()
-    sample = make_sample(task.target_dictionary, [3, 8, 20, 1, 13])
-    lp, emb = model.decoder.latent_predictor, model.decoder.bottleneck.embed_codes
+    task, model, sample, lp, emb, enc = _predictor_setup(tmp_path)
     with torch.no_grad():
-        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
         base = lp.generate(enc, emb, 6, 5)
         same = lp.generate(enc, emb, 6, 5, end_penalty=0.0)
         assert all(torch.equal(a, b) for a, b in zip(base, same))
