@@ -143,6 +143,7 @@ LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=1, K=512
     "ls": ["--label-smoothing", "0.1"],
     "T10": ["--soft-em-temperature", "10"],
     "vq": ["--bottleneck", "vq"],
+    "lp1": ["--latent-layers", "1"],  # a shallower latent predictor: its loop is most of the decoding time
     "lp4": ["--latent-layers", "4"],
     "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only
     "T03": ["--soft-em-temperature", "0.3"],
