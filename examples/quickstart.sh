@@ -32,20 +32,27 @@ if [ ! -f "$data/bin/dict.en.txt" ]; then
 fi
 
 echo "quickstart: training latent_transformer_tiny ($bottleneck) for $max_update updates"
+set +e  # keep fairseq-train's own exit status (checked below) through the log filter
 fairseq-train "$data/bin" --user-dir vq_nat --task latent_translation --arch latent_transformer_tiny \
   --criterion latent_vq --bottleneck "$bottleneck" --num-samples "$num_samples" --share-all-embeddings \
   --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 \
   --max-tokens 4096 --max-update "$max_update" --dropout 0.1 \
   --save-dir "$work/checkpoints" --no-epoch-checkpoints --validate-interval-updates 400 --save-interval-updates 400 \
   --keep-interval-updates 1 --log-interval 50 --no-progress-bar --num-workers 0 --cpu \
-  2>&1 | grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true
+  2>&1 | tee "$work/train.log" | { grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true; }
+rc=${PIPESTATUS[0]}
+set -e
+[ "$rc" -eq 0 ] || { echo "quickstart: fairseq-train failed (exit $rc); end of $work/train.log:" >&2; tail -20 "$work/train.log" >&2; exit 1; }
 ckpt="$work/checkpoints/checkpoint_last.pt"
 [ -f "$ckpt" ] || { echo "quickstart: training produced no checkpoint" >&2; exit 1; }
 
 echo "quickstart: decoding test2016"
 for bs in 64 1; do
   fairseq-generate "$data/bin" --user-dir vq_nat --task latent_translation --path "$ckpt" --gen-subset test \
-    --batch-size "$bs" --remove-bpe --cpu --num-workers 0 --max-len-a 1.2 --max-len-b 10 > "$work/gen.b$bs.txt" 2>&1
+    --batch-size "$bs" --remove-bpe --cpu --num-workers 0 --max-len-a 1.2 --max-len-b 10 > "$work/gen.b$bs.txt" 2>&1 \
+    && grep -q "Translated .* sentences" "$work/gen.b$bs.txt" \
+    || { echo "quickstart: fairseq-generate at batch $bs failed; end of $work/gen.b$bs.txt:" >&2
+         tail -20 "$work/gen.b$bs.txt" >&2; exit 1; }
 done
 python - "$work" "$data" "$root/scripts" <<'PY'
 import sys
