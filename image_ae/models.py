@@ -65,12 +65,15 @@ class ModelConfig:
     temperature: float = 1.0
     kmeans_init: bool = False
     dead_code_threshold: float = 0.0
+    latent_norm: str = "none"  # "layer": z_e layer-normalised over code_dim, as the translation model's z_e
 
     def validate(self) -> None:
         if self.arch not in PRESETS:
             raise ValueError(f"unknown arch {self.arch!r}; choose from {sorted(PRESETS)}")
         if self.bottleneck not in ("vq", "em"):
             raise ValueError(f"bottleneck must be 'vq' or 'em', got {self.bottleneck!r}")
+        if self.latent_norm not in ("none", "layer"):
+            raise ValueError(f"latent_norm must be 'none' or 'layer', got {self.latent_norm!r}")
         if self.arch == "paper" and not 0 <= self.num_downsample <= 4:
             raise ValueError("the paper preset has 4 conv layers: --num-downsample must be in 0..4")
         if self.arch == "vqvae" and self.num_downsample < 1:
@@ -177,13 +180,19 @@ class ImageAutoencoder(nn.Module):
             kmeans_init=config.kmeans_init,
             dead_code_threshold=config.dead_code_threshold,
         )
+        # The quantizer's codes start as e_j ~ N(0, I), on the scale of a layer-normalised z_e (unit variance
+        # per coordinate: the translation model's z_e). A raw conv output starts far smaller, so every latent
+        # is nearest the one code closest to the origin, and the E-step posterior is one-hot (soft EM = hard
+        # EM). "layer" puts z_e on the codes' scale (no learned gain, so it stays there).
+        self.latent_norm = (nn.LayerNorm(config.code_dim, elementwise_affine=False) if config.latent_norm == "layer"
+                            else nn.Identity())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) in [0, 1] -> z_e (B, h, w, L, code_dim)."""
         h = self.encoder(x - 0.5)
         b, _, gh, gw = h.shape
         c = self.config
-        return h.view(b, c.latents_per_position, c.code_dim, gh, gw).permute(0, 3, 4, 1, 2)
+        return self.latent_norm(h.view(b, c.latents_per_position, c.code_dim, gh, gw).permute(0, 3, 4, 1, 2))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """z_q (B, h, w, L, code_dim) -> images (B, C, S, S), unclamped."""

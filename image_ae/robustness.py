@@ -9,6 +9,7 @@ continues or only re-evaluates finished runs), then writes
                                     entropy, collapsed or not,
                                     and per-bottleneck mean / std / worst PSNR
   robustness.png                    PSNR and code usage per run
+  robustness_curves.png             every run's eval PSNR and code perplexity against training steps
   robustness_recons.png             every run's final reconstructions (Figure 5: VQ-VAE left, EM right)
 A run counts as collapsed when the perplexity of its nearest-code assignments on the evaluation split is
 below ``--collapse-frac`` x num_codes (i.e. it effectively uses fewer than that fraction of the codebook).
@@ -104,6 +105,27 @@ def plot(rows: List[dict], save_dir: str) -> None:
     fig.savefig(os.path.join(save_dir, "robustness.png"), dpi=90)
     plt.close(fig)
 
+    # every run's evaluation curves: PSNR and code perplexity against training steps
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows:
+        evals = train_mod.read_jsonl(os.path.join(r["run_dir"], "metrics.jsonl"))
+        steps = [e["step"] for e in evals]
+        for ax, key in zip(axes, ("psnr", "code_ppl")):
+            ax.plot(steps, [e[key] for e in evals], color=colors.get(r["bottleneck"]), alpha=0.7, lw=1.2,
+                    label=f"{r['bottleneck']} seed {r['seed']}")
+    for ax, title in zip(axes, ("eval PSNR (dB)", "eval code perplexity")):
+        ax.set_xlabel("training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    handles = {}
+    for line in axes[0].get_lines():
+        handles.setdefault(line.get_label().split()[0], line)
+    axes[0].legend(list(handles.values()), [{"vq": "VQ-VAE (hard EM)", "em": "soft EM"}.get(k, k) for k in handles])
+    fig.tight_layout()
+    fig.savefig(os.path.join(save_dir, "robustness_curves.png"), dpi=90)
+    plt.close(fig)
+
     # Figure-5 style montage: one row per seed, one column per bottleneck
     seeds = list(dict.fromkeys(r["seed"] for r in rows))
     fig, axes = plt.subplots(len(seeds), len(bns), figsize=(5 * len(bns), 1.6 * len(seeds) + 0.6), squeeze=False)
@@ -126,8 +148,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             raise SystemExit(f"{bad} is set per run by image_ae.robustness; do not pass it")
     os.makedirs(args.save_dir, exist_ok=True)
     rows = []
-    for b in args.bottlenecks:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed, so an interrupted study has as many runs of each bottleneck
+        for b in args.bottlenecks:
             run_dir = os.path.join(args.save_dir, f"{b}_seed{seed}")
             run_args = train_args + ["--bottleneck", b, "--seed", str(seed), "--save-dir", run_dir]
             if not args.fresh:
@@ -144,6 +166,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                 "train_time_s": log[-1]["elapsed_s"] if log else time.time() - t,
                 "wall_this_call_s": time.time() - t, "run_dir": run_dir,
             })
+    rows.sort(key=lambda r: (args.bottlenecks.index(r["bottleneck"]), r["seed"]))
     with open(os.path.join(args.save_dir, "robustness.json"), "w") as f:
         json.dump(rows, f, indent=2)
     text = write_table(rows, os.path.join(args.save_dir, "robustness.md"), args.collapse_frac, train_args)

@@ -49,7 +49,7 @@ CHECKPOINT = "checkpoint_last.pt"
 # options fixed by the checkpoint on --resume (they define the model, its codebook and the data order)
 MODEL_KEYS = ("arch", "bottleneck", "num_samples", "num_codes", "code_dim", "hidden_dim", "res_hidden_dim",
               "latents_per_position", "num_downsample", "num_residual", "update", "decay", "epsilon", "beta",
-              "temperature", "kmeans_init", "dead_code_threshold", "image_size", "channels", "seed")
+              "temperature", "kmeans_init", "dead_code_threshold", "latent_norm", "image_size", "channels", "seed")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -96,6 +96,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="soft-EM temperature")
     g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
     g.add_argument("--dead-code-threshold", type=float, default=0.0, help="re-seed codes with EMA count below")
+    g.add_argument("--latent-norm", choices=("layer", "none"), default="layer",
+                   help="layer: layer-normalise z_e over code_dim (no gain), putting it on the scale of the codes' "
+                   "N(0, I) init, as the translation model's z_e; none: the raw 1x1-conv output")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=float, default=None, help="training length in epochs (default 10 when "
@@ -354,6 +357,7 @@ def _main(args) -> dict:
         path = os.path.join(args.save_dir, CHECKPOINT) if args.resume == "auto" else args.resume
         if os.path.isfile(path):
             ckpt = load_checkpoint(path)
+            ckpt["args"].setdefault("latent_norm", "none")  # checkpoints from before --latent-norm
             for key in MODEL_KEYS:
                 old, new = ckpt["args"].get(key), getattr(args, key)
                 if key in ckpt["args"] and new is not None and old != new and key != "channels":

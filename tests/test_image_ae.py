@@ -147,6 +147,41 @@ def test_paper_preset_latent_field():
     assert (vq.grid, vq.latents_per_position) == (8, 1)
 
 
+def test_latent_norm_puts_z_e_on_the_codes_scale():
+    """--latent-norm layer: each latent of z_e is the raw output layer-normalised over code_dim (numpy), so its
+    squared norm is code_dim, the E||e_j||^2 of the N(0, I) codes; the raw conv output starts far inside."""
+    torch.manual_seed(1)
+    x = torch.rand(4, 3, 32, 32)
+    raw = None
+    for norm in ("none", "layer"):
+        torch.manual_seed(0)  # the norm has no parameters: both models get the same weights
+        model = ImageAutoencoder(build_config("vqvae", 3, 32, {"latent_norm": norm})).eval()
+        with torch.no_grad():
+            z = model.encode(x)
+        assert z.shape == (4, 8, 8, 1, 64)
+        zn = z.reshape(-1, 64).double().numpy()
+        if norm == "none":
+            raw = zn
+            continue
+        want = (raw - raw.mean(1, keepdims=True)) / np.sqrt(raw.var(1, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(zn, want, rtol=1e-4, atol=1e-4)
+        codes_sq = (model.quantizer.embed[0].double().numpy() ** 2).sum(1).mean()
+        assert abs((zn ** 2).sum(1).mean() - codes_sq) < 0.1 * codes_sq
+        assert (raw ** 2).sum(1).mean() < 0.1 * codes_sq
+    with pytest.raises(ValueError, match="latent_norm"):
+        ImageAutoencoder(build_config("vqvae", 3, 32, {"latent_norm": "batch"}))
+
+
+def test_resume_of_a_checkpoint_without_latent_norm_keeps_the_raw_z_e(split_folder, tmp_path):
+    """Checkpoints written before --latent-norm existed hold un-normalised models: they resume as 'none'."""
+    _run(split_folder, tmp_path, "--max-steps", "1", "--latent-norm", "none", "--no-plots")
+    state = _state(tmp_path)
+    del state["args"]["latent_norm"]
+    torch.save(state, os.path.join(str(tmp_path), ia_train.CHECKPOINT))
+    _run(split_folder, tmp_path, "--max-steps", "2", "--resume", "--no-plots")
+    assert _state(tmp_path)["args"]["latent_norm"] == "none"
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "nothing"
     empty.mkdir()
@@ -192,6 +227,7 @@ def test_robustness_table(split_folder, tmp_path):
     assert [(r["bottleneck"], r["seed"]) for r in rows] == [("vq", 1), ("vq", 2), ("em", 1), ("em", 2)]
     assert all({"psnr", "codes_used", "collapsed"} <= set(r) for r in rows)
     assert (out / "robustness.md").exists() and (out / "robustness.png").exists()
+    assert (out / "robustness_curves.png").exists() and (out / "robustness_recons.png").exists()
     assert (out / "robustness.json").exists()
 
 
@@ -256,6 +292,7 @@ CLI_VALUES = {
     "epsilon": (["--codebook-epsilon", "1e-6"], 1e-6),
     "kmeans_init": (["--kmeans-init"], True),
     "dead_code_threshold": (["--dead-code-threshold", "0.01"], 0.01),
+    "latent_norm": (["--latent-norm", "none"], "none"),
     "epochs": (["--epochs", "2.5"], 2.5),
     "max_steps": (["--max-steps", "1000"], 1000),
     "batch_size": (["--batch-size", "16"], 16),
