@@ -256,3 +256,31 @@ def test_bench_decode_rounds_rotate_the_first_model(monkeypatch):
     calls.clear()
     bench.time_round(runners, data, "cpu", first=4)
     assert [c[0] for c in calls] == list("BBBCCAAA")
+
+
+@pytest.mark.parametrize("failing", ["train", "generate"])
+def test_quickstart_fails_loudly(tmp_path, failing):
+    """examples/quickstart.sh stops with a non-zero exit and the failing tool's last lines when fairseq-train
+    exits non-zero, or when fairseq-generate prints no 'Translated N sentences' line (e.g. a fatal library
+    error after which it still exits 0): never a silent success. The fairseq commands are stubs here."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    train_rc = 3 if failing == "train" else 0
+    (venv / "fairseq-train").write_text(f"#!/bin/bash\necho 'train: something broke'\nexit {train_rc}\n")
+    (venv / "fairseq-generate").write_text("#!/bin/bash\necho 'FATAL ERROR: cannot load a library'\nexit 0\n")
+    for tool in venv.iterdir():
+        tool.chmod(0o755)
+    work = tmp_path / "work"
+    (work / "data" / "bin").mkdir(parents=True)
+    (work / "data" / "bin" / "dict.en.txt").write_text("")  # the data step is skipped when prepared
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "checkpoint_last.pt").write_text("")
+    env = {**ENV, "VENV": str(tmp_path / "venv"), "WORK_DIR": str(work)}
+    p = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode != 0
+    if failing == "train":
+        assert "fairseq-train failed (exit 3)" in p.stderr and "train: something broke" in p.stderr
+        assert "decoding" not in p.stdout
+    else:
+        assert "fairseq-generate at batch 64 failed" in p.stderr and "FATAL ERROR" in p.stderr
+        assert "sacreBLEU" not in p.stdout
