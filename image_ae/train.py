@@ -71,7 +71,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers with --no-cache")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=sorted(PRESETS), default="paper",
+    g.add_argument("--arch", choices=sorted(PRESETS), default="vqvae",
                    help="paper: Roy et al. App. A (8x8x10 latents, 256 codes of 512); vqvae: van den Oord et al.")
     g.add_argument("--bottleneck", choices=("vq", "em"), default="vq",
                    help="vq: nearest code (VQ-VAE / hard EM); em: soft EM with --num-samples samples")
@@ -92,9 +92,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--codebook-epsilon", "--epsilon", dest="epsilon", type=float, default=1e-5,
                    help="Laplace smoothing of EMA counts")
     g.add_argument("--commitment-beta", "--beta", dest="beta", type=float, default=0.25, help="commitment loss weight")
-    g.add_argument("--soft-em-temperature", "--temperature", dest="temperature", type=float, default=1.0,
-                   help="soft-EM temperature")
-    g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
+    g.add_argument("--soft-em-temperature", "--temperature", dest="temperature", type=float, default=0.1,
+                   help="soft-EM temperature T of q(j|z_e) = softmax(-||z_e - e_j||^2 / T); 0.1 suits the "
+                   "layer-normalised z_e (--latent-norm layer): about 3 nats of posterior entropy in training")
+    g.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="initialise the codebook by k-means on the first batch's z_e (without it the codes start "
+                   "as N(0, I) draws, most far from every z_e, and VQ-VAE uses a handful of them)")
     g.add_argument("--dead-code-threshold", type=float, default=0.0, help="re-seed codes with EMA count below")
     g.add_argument("--latent-norm", choices=("layer", "none"), default="layer",
                    help="layer: layer-normalise z_e over code_dim (no gain), putting it on the scale of the codes' "
@@ -104,7 +107,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=None, help="training length in epochs (default 10 when "
                    "--max-steps is not given); with both, the shorter wins")
     g.add_argument("--max-steps", type=int, default=None, help="training length in updates")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     g.add_argument("--lr-half-life", type=int, default=0,

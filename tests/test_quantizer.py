@@ -357,6 +357,21 @@ def test_kmeans_init_from_first_batch():
     assert "initialized" in vq.state_dict()
 
 
+def test_kmeans_init_does_not_depend_on_other_draws_from_the_global_rng():
+    """Same seed, same first batch -> same k-means codebook, even when something else (a DataLoader worker, a
+    dropout mask) drew from the global RNG in between; a different seed gives other k-means++ seeds."""
+    pts = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    books = []
+    for seed, extra_draws in ((7, 0), (7, 5), (8, 0)):
+        torch.manual_seed(seed)
+        vq = VectorQuantizer(num_codes=16, dim=4, kmeans_init=True, kmeans_iters=0).train()
+        torch.rand(extra_draws)
+        vq(pts)
+        books.append(vq.codebook.clone())
+    torch.testing.assert_close(books[0], books[1], rtol=0, atol=0)
+    assert not torch.equal(books[0], books[2])
+
+
 def test_dead_codes_are_reseeded_with_encoder_outputs():
     vq = make(num_codes=8, decay=0.5, dead_code_threshold=0.1).train()
     z = torch.randn(1, 4) + 10.0

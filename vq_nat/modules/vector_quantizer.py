@@ -344,13 +344,16 @@ class VectorQuantizer(nn.Module):
             self.initialized.fill_(True)
             return
         xb = x.transpose(0, 1)  # (B, N, d)
+        # its own generator, seeded by the run's seed: the same codes whatever else drew from the global RNG
+        # before the first batch (e.g. DataLoader workers)
+        gen = torch.Generator(device=x.device).manual_seed(torch.initial_seed())
         # k-means++ seeding: each next seed drawn with probability proportional to D(x)^2
         cb = torch.empty(b, k, d, device=x.device)
-        cb[:, 0] = xb[torch.arange(b), torch.randint(0, n, (b,), device=x.device)]
+        cb[:, 0] = xb[torch.arange(b), torch.randint(0, n, (b,), device=x.device, generator=gen)]
         nearest = ((xb - cb[:, :1]) ** 2).sum(-1)  # (B, N)
         for j in range(1, k):
             w = nearest + 1e-12
-            pick = torch.multinomial(w / w.sum(-1, keepdim=True), 1).squeeze(-1)  # (B,)
+            pick = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)  # (B,)
             cb[:, j] = xb[torch.arange(b), pick]
             nearest = torch.minimum(nearest, ((xb - cb[:, j : j + 1]) ** 2).sum(-1))
         for _ in range(self.kmeans_iters):
