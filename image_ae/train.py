@@ -229,7 +229,8 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
     sq_err, pixels, entropy_sum, images = 0.0, 0, 0.0, 0
     nearest = torch.zeros(k, dtype=torch.float64)
     sampled = torch.zeros(k, dtype=torch.float64)
-    grid = None
+    shown = eval_indices(n, min(args.num_recon, n))  # positions in the evaluation sample, spread over the classes
+    originals, recons, offset = [], [], 0
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # soft-EM sampling here must not move the training RNG
         torch.manual_seed(args.seed)
@@ -243,9 +244,10 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
             sampled += out.targets.reshape(-1, k).double().sum(0).cpu()
             entropy_sum += float(out.posterior_entropy) * len(x)  # every image has the same number of latents
             images += len(x)
-            if grid is None:
-                r = min(args.num_recon, len(x))
-                grid = torch.cat([x[:r], recon[:r]]).cpu()
+            here = shown[(shown >= offset) & (shown < offset + len(x))] - offset
+            originals.append(x[here].cpu())
+            recons.append(recon[here].cpu())
+            offset += len(x)
     model.train(was_training)
 
     def ppl(counts: torch.Tensor) -> float:
@@ -266,7 +268,8 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
         "eval_images": n,
         "bottleneck": model.config.bottleneck,
     }
-    if grid is not None:
+    if len(shown):
+        grid = torch.cat([torch.cat(originals), torch.cat(recons)])
         save_image(grid, os.path.join(args.save_dir, f"recon_{step}.png"), nrow=len(grid) // 2, padding=2,
                    pad_value=1.0)
     return metrics

@@ -470,7 +470,8 @@ def test_a_cli_run_prints_no_debug_lines(split_folder, tmp_path):
 
 def test_eval_samples_are_spread_over_a_class_sorted_folder(tmp_path):
     """--eval-samples N on an ImageFolder sorted by class (class0 black, class1 white): the evaluated images and the
-    reconstruction grid hold both classes, the same ones for every seed."""
+    reconstruction grid, whose images are spread over the evaluated ones, hold both classes: the same ones for
+    every seed and every evaluation batch size."""
     root = tmp_path / "sorted"
     for cls, value in (("class0", 0), ("class1", 255)):
         os.makedirs(root / "test" / cls)
@@ -480,10 +481,11 @@ def test_eval_samples_are_spread_over_a_class_sorted_folder(tmp_path):
                 PIL.fromarray(np.full((16, 16, 3), value, np.uint8)).save(str(root / split / cls / f"{i}.png"))
     assert ia_train.eval_indices(12, 4).tolist() == [0, 3, 6, 9]
     grids = []
-    for seed in (1, 2):
+    for seed, eval_batch in ((1, 256), (2, 3)):
         save = tmp_path / f"run{seed}"
-        _run(str(root), save, "--max-steps", "1", "--eval-samples", "2", "--num-recon", "2", "--seed", str(seed),
-             "--no-plots")
+        # 4 evaluated images (0, 3, 6, 9: two per class); the grid shows the 1st and 3rd of them (0 and 6)
+        _run(str(root), save, "--max-steps", "1", "--eval-samples", "4", "--num-recon", "2", "--seed", str(seed),
+             "--eval-batch-size", str(eval_batch), "--no-plots")
         png = sorted(f for f in os.listdir(save) if f.startswith("recon_"))[-1]
         grid = np.asarray(PIL.open(save / png).convert("L"), dtype=np.float64)
         tiles = [grid[2:18, 2 + 18 * i: 18 + 18 * i].mean() for i in range(2)]  # top row: the originals
