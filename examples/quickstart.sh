@@ -3,14 +3,14 @@
 #   prepare (sacremoses + joint BPE + fairseq-preprocess) -> fairseq-train latent_transformer_tiny
 #   -> fairseq-generate test2016 -> sacreBLEU (detokenized, cased) and ms/sentence at batch 1 and 64.
 #
-#   bash examples/quickstart.sh                 # defaults: about 20 minutes on 2 CPU cores
-#   MAX_UPDATE=6000 BOTTLENECK=vq bash examples/quickstart.sh    # scale up / change the bottleneck
+#   bash examples/quickstart.sh                 # defaults: 3,000 updates, about half an hour on 2 CPU cores
+#   MAX_UPDATE=1000 BOTTLENECK=vq bash examples/quickstart.sh    # a shorter run / another bottleneck
 #
 # Environment: MULTI30K_DIR (raw data; default ../shared/data/multi30k, downloaded when missing and online),
 # WORK_DIR (default runs/quickstart), MAX_UPDATE, BOTTLENECK (em|vq|gumbel|semhash), NUM_SAMPLES, MERGES,
 # VENV (default .venv in the checkout, created by scripts/install.sh when missing).
 # Resumable: rerun the same command and training continues from the last checkpoint.
-# latent_transformer_tiny's own defaults are set for this budget (latent loss from update 400, codebook EMA decay
+# latent_transformer_tiny's own defaults are set for budgets from ~1,000 updates (latent loss from update 400, codebook EMA decay
 # 0.99 with dead-code re-seeding); see examples/multi30k/README.md for what they give and why.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +21,7 @@ export PATH="$venv/bin:$PATH"
 
 raw="${MULTI30K_DIR:-$root/../shared/data/multi30k}"
 work="${WORK_DIR:-$root/runs/quickstart}"
-max_update="${MAX_UPDATE:-1000}"
+max_update="${MAX_UPDATE:-3000}"
 bottleneck="${BOTTLENECK:-em}"
 num_samples="${NUM_SAMPLES:-10}"
 merges="${MERGES:-6000}"
