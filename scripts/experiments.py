@@ -130,7 +130,8 @@ def ablation_runs(only=None):
     return [lt_run("em", distilled=True, **ABLATIONS[k]) for k in keys]
 
 
-LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=1, K=512, m=10, t2t masking over 400)
+LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (the preset: nc=1, K=512, m=10, 1-layer latent
+    # predictor, t2t masking over 400)
     "base": [],
     "stop": ["--latent-input-gradient", "stop"],  # t2t: the latent loss does not train the autoencoder
     "flow": ["--latent-input-gradient", "flow"],
@@ -143,7 +144,7 @@ LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (nc=1, K=512
     "ls": ["--label-smoothing", "0.1"],
     "T10": ["--soft-em-temperature", "10"],
     "vq": ["--bottleneck", "vq"],
-    "lp1": ["--latent-layers", "1"],  # a shallower latent predictor: its loop is most of the decoding time
+    "lp2": ["--latent-layers", "2"],  # the preset's latent predictor before the lever study: better, but slower
     "lp4": ["--latent-layers", "4"],
     "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only
     "T03": ["--soft-em-temperature", "0.3"],
