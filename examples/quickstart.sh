@@ -3,7 +3,7 @@
 #   prepare (sacremoses + joint BPE + fairseq-preprocess) -> fairseq-train latent_transformer_tiny
 #   -> fairseq-generate test2016 -> sacreBLEU (detokenized, cased) and ms/sentence at batch 1 and 64.
 #
-#   bash examples/quickstart.sh                 # defaults: 3,000 updates, about half an hour on 2 CPU cores
+#   bash examples/quickstart.sh                 # defaults: 3,000 updates (README.md gives its BLEU and time)
 #   MAX_UPDATE=1000 BOTTLENECK=vq bash examples/quickstart.sh    # a shorter run / another bottleneck
 #
 # Environment: MULTI30K_DIR (raw data; default ../shared/data/multi30k, downloaded when missing and online),
