@@ -10,8 +10,8 @@
 # WORK_DIR (default runs/quickstart), MAX_UPDATE, BOTTLENECK (em|vq|gumbel|semhash), NUM_SAMPLES, MERGES,
 # VENV (default .venv in the checkout, created by scripts/install.sh when missing).
 # Resumable: rerun the same command and training continues from the last checkpoint.
-# latent_transformer_tiny's own defaults are set for budgets from ~1,000 updates (latent loss from update 400, codebook EMA decay
-# 0.99 with dead-code re-seeding); see examples/multi30k/README.md for what they give and why.
+# latent_transformer_tiny's own defaults are set for budgets from ~1,000 updates (latent loss from update 400,
+# codebook EMA decay 0.99 with dead-code re-seeding); see examples/multi30k/README.md for what they give and why.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

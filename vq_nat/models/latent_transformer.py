@@ -505,10 +505,10 @@ def base_architecture(args):
 @register_model_architecture("latent_transformer", "latent_transformer_tiny")
 def latent_transformer_tiny(args):
     """CPU-sized preset for Multi30k (the size of fairseq's transformer_tiny recipe): d=128, ffn 256, 4 heads,
-    3+3 layers, 1-layer latent predictor (its autoregressive loop is most of the decoding time: one layer keeps
-    batch-1 decoding > 3x faster than the same-size AR transformer at nc=1), K=512 codes, nc=1 (a latent per 2
-    tokens: at nc=3 a Multi30k sentence gets ~2.6 latents and the decoder learns to ignore them), m=10; set for
-    budgets from about 1,000 updates:
+    3+3 layers, 1-layer latent predictor (its autoregressive loop dominates decoding time; a second layer adds
+    little BLEU, see examples/multi30k/README.md), K=512 codes, nc=1 (a latent per 2 tokens: at nc=3 a Multi30k
+    sentence gets ~2.6 latents and the decoder learns to ignore them), m=10; set for budgets from about 1,000
+    updates:
     decoder-input warm-up and latent loss from update 400, codebook EMA decay 0.99 with dead-code re-seeding
     below 0.1 (with the paper's 0.999 and no re-seeding every code but one or two dies within a few hundred
     updates at this budget)."""
