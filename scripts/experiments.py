@@ -6,6 +6,8 @@
     python scripts/experiments.py levers --data BIN [--distill DISTILL_BIN] --raw RAW --work DIR --subset valid \
         --only base stop nc2 stop+glat ...           # one factor changed from LT em; diagnosed on valid
     python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300] [--reseed]
+    python scripts/experiments.py curve --data BIN --distill DISTILL_BIN --raw RAW --work DIR --subset valid \
+        --only nat-distill                           # valid BLEU of each kept checkpoint, for plot_curves.py
     python scripts/experiments.py report --work DIR          # tables (markdown) from what has run so far
 
 ``BIN`` comes from ``scripts/prepare-data.sh``/``prepare-multi30k.sh`` (``RAW`` is its raw directory, holding the
@@ -150,6 +152,7 @@ LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (the preset:
     "T03": ["--soft-em-temperature", "0.3"],
     "T01": ["--soft-em-temperature", "0.1"],  # a sharper E-step: the m samples agree on fewer codes
     "T003": ["--soft-em-temperature", "0.03"],
+    "len": ["--latent-length-prediction"],  # the number of latents from a length classifier, not from END
 }
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
              '{"max_len_a": 1.2, "max_len_b": 10}']
@@ -233,7 +236,7 @@ def train(run, args, data):
         return ckpt
     cmd = ["fairseq-train", data, "--user-dir", USER_DIR, *run.train_args, *OPTIM,
            "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--save-dir", save,
-           "--save-interval-updates", "500", "--keep-interval-updates", "1",
+           "--save-interval-updates", "500", "--keep-interval-updates", "-1" if args.keep_checkpoints else "1",
            "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log")]
     sh(cmd, log=os.path.join(save, "stdout.log"))
     return ckpt
@@ -335,6 +338,41 @@ def execute(runs, args, table):
             print("experiments.py: " + json.dumps(row), flush=True)
             with open(results_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def execute_curve(runs, args):
+    """Valid BLEU of every kept 500-update checkpoint (``table1 --keep-checkpoints``) and of the last one, for
+    table-1 runs whose task scores no BLEU during validation (fairseq's ``translation_lev`` ignores
+    ``--eval-bleu``). Each checkpoint is decoded at batch 64 with the arguments of the run's first row; the points are written as
+    fairseq json log lines (``valid_num_updates``, ``valid_bleu``) to ``<run>/valid_bleu.log``, which
+    scripts/plot_curves.py reads beside ``train.log``."""
+    for run in runs:
+        save = os.path.join(args.work, run.name)
+        data = args.distill if run.distilled else args.data
+        if data is None:
+            sys.exit(f"experiments.py: {run.name} needs --distill (a directory from scripts/distill.sh)")
+        _, tgt = langs(data)
+        ckpts = sorted((int(m[1]), f) for f in (os.listdir(save) if os.path.isdir(save) else [])
+                       if (m := re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", f)))
+        last = os.path.join(save, "checkpoint_last.pt")
+        if os.path.exists(last) and num_updates(last) not in {u for u, _ in ckpts}:
+            ckpts.append((num_updates(last), "checkpoint_last.pt"))
+        if not ckpts:
+            sys.exit(f"experiments.py: {save} has no checkpoints (train it with `table1 --keep-checkpoints`)")
+        gen_args = next(iter(run.decodes.values()))
+        points = []
+        for update, f in ckpts:
+            path = os.path.join(save, f"gen.curve.{args.subset}.u{update}.txt")
+            if not os.path.exists(path):
+                sh(["fairseq-generate", data, "--user-dir", USER_DIR, "--path", os.path.join(save, f),
+                    "--gen-subset", args.subset, "--batch-size", "64", "--remove-bpe", "--cpu", "--num-workers",
+                    "0", *gen_args], log=path + ".tmp")
+                os.replace(path + ".tmp", path)
+            bleu, _ = score(path, os.path.join(args.raw, f"{args.subset}.{tgt}"), tgt)
+            points.append({"valid_num_updates": update, "valid_bleu": round(bleu, 2)})
+            print(f"experiments.py: {run.name} update {update}: {args.subset} BLEU {bleu:.2f}", flush=True)
+        with open(os.path.join(save, "valid_bleu.log"), "w") as out:
+            out.writelines(json.dumps(pt) + "\n" for pt in points)
 
 
 def read_results(work):
@@ -441,7 +479,7 @@ def plot_robustness(args, reseed=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table1", "ablations", "levers", "robustness", "report"])
+    p.add_argument("what", choices=["table1", "ablations", "levers", "robustness", "curve", "report"])
     p.add_argument("--data", help="fairseq-preprocess directory (scripts/prepare-data.sh)")
     p.add_argument("--distill", help="distilled directory (scripts/distill.sh)")
     p.add_argument("--raw", help="raw text directory with the untokenized references <subset>.<tgt>")
@@ -450,10 +488,12 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--subset", default="test", help="split to decode and score")
-    p.add_argument("--only", nargs="*", help="table1: run names; ablations: keys such as K1024 m1 nc4")
+    p.add_argument("--only", nargs="*", help="table1, curve: run names; ablations: keys such as K1024 m1 nc4")
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     p.add_argument("--seed", type=int, default=1, help="levers: the seed of the runs")
     p.add_argument("--no-decode", action="store_true", help="train only")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every 500-update checkpoint (for `curve`), not only the latest")
     p.add_argument("--reseed", action="store_true",
                    help="robustness: with dead-code re-seeding (threshold 0.1), as the table's runs; default off")
     args = p.parse_args(argv)
@@ -467,7 +507,7 @@ def main(argv=None):
         return
     if not args.data or not args.raw:
         sys.exit("experiments.py: --data and --raw are required")
-    if args.what == "table1":
+    if args.what in ("table1", "curve"):
         runs = table1_runs(args.work)
         if args.only:  # in the order given
             by_name = {r.name: r for r in runs}
@@ -475,7 +515,12 @@ def main(argv=None):
             if missing:
                 sys.exit(f"experiments.py: unknown run(s) {missing}; choose from {list(by_name)}")
             runs = [by_name[n] for n in args.only]
-        execute(runs, args, "table1")
+        if args.what == "curve":
+            if args.subset == "test":
+                print("experiments.py: curves are drawn on valid; pass --subset valid", file=sys.stderr)
+            execute_curve(runs, args)
+        else:
+            execute(runs, args, "table1")
     elif args.what == "levers":
         if args.subset == "test":
             print("experiments.py: levers are chosen on valid; pass --subset valid", file=sys.stderr)

@@ -4,7 +4,9 @@
     python scripts/plot_curves.py --run "AR transformer=runs/ar" --run "LT em=runs/lt" --out curves.png [--cores 2]
 
 Each run directory holds the ``train.log`` that fairseq-train wrote with ``--log-format json --log-file`` and
-``--eval-bleu`` (its validation lines carry ``valid_bleu``). Training time is the sum of fairseq's per-interval
+``--eval-bleu`` (its validation lines carry ``valid_bleu``). For a task that scores no BLEU while it validates
+(fairseq's ``translation_lev`` NAT/CMLM), ``scripts/experiments.py curve`` decodes the run's kept checkpoints into
+``valid_bleu.log`` beside ``train.log``; its points are read too. Training time is the sum of fairseq's per-interval
 ``train_wall`` up to each validation (validation and checkpointing not counted), times ``--cores`` for CPU hours.
 Prints the points as a table too.
 """
@@ -15,16 +17,19 @@ import sys
 
 
 def curve(log_path):
-    """[(update, train seconds so far, valid BLEU)] from a fairseq json log (the latest value per update)."""
+    """[(update, train seconds so far, valid BLEU)] from a fairseq json log and, when present, the
+    ``valid_bleu.log`` beside it (the latest value per update)."""
     wall, points = {}, {}
-    for line in open(log_path, encoding="utf-8"):
-        if not line.startswith('{"'):
-            continue
-        d = json.loads(line)
-        if "train_wall" in d and "num_updates" in d:
-            wall[int(d["num_updates"])] = float(d["train_wall"])
-        if "valid_bleu" in d and "valid_num_updates" in d:
-            points[int(d["valid_num_updates"])] = float(d["valid_bleu"])
+    extra = os.path.join(os.path.dirname(log_path), "valid_bleu.log")
+    for path in [log_path] + ([extra] if os.path.isfile(extra) else []):
+        for line in open(path, encoding="utf-8"):
+            if not line.startswith('{"'):
+                continue
+            d = json.loads(line)
+            if "train_wall" in d and "num_updates" in d:
+                wall[int(d["num_updates"])] = float(d["train_wall"])
+            if "valid_bleu" in d and "valid_num_updates" in d:
+                points[int(d["valid_num_updates"])] = float(d["valid_bleu"])
     out = []
     for u in sorted(points):
         secs = sum(w for x, w in wall.items() if x <= u)
@@ -49,7 +54,8 @@ def main(argv=None):
             sys.exit(f"plot_curves.py: no train.log in {path}")
         points = curve(log)
         if not points:
-            sys.exit(f"plot_curves.py: {log} has no valid_bleu (train with --eval-bleu)")
+            sys.exit(f"plot_curves.py: {log} has no valid_bleu (train with --eval-bleu, or run "
+                     "`experiments.py curve` for a translation_lev model)")
         curves[label] = points
 
     import logging

@@ -27,25 +27,27 @@ def data_bin(tmp_path_factory):
 
 
 CASES = [
-    ("vq", "ema"),
-    ("em", "ema"),
-    ("vq", "grad"),
-    ("em", "grad"),
-    ("gumbel", "ema"),
-    ("semhash", "ema"),
+    ("vq", "ema", []),
+    ("em", "ema", []),
+    ("vq", "grad", []),
+    ("em", "grad", []),
+    ("gumbel", "ema", []),
+    ("semhash", "ema", []),
+    ("em", "ema", ["--latent-length-prediction"]),
 ]
 
 
-@pytest.mark.parametrize("bottleneck,update", CASES)
-def test_train_generate_interactive(data_bin, tmp_path, caplog, bottleneck, update):
+@pytest.mark.parametrize("bottleneck,update,extra", CASES)
+def test_train_generate_interactive(data_bin, tmp_path, caplog, bottleneck, update, extra):
     save = str(tmp_path / "ckpt")
     caplog.set_level(logging.INFO)
     train(data_bin, save, ["--bottleneck", bottleneck, "--codebook-update", update, "--num-samples", "3",
-                           "--mask-startup-steps", "2", "--word-dropout", "0.3", "--word-shuffle", "0.5"])
+                           "--mask-startup-steps", "2", "--word-dropout", "0.3", "--word-shuffle", "0.5", *extra])
     ckpt = os.path.join(save, "checkpoint_last.pt")
     assert os.path.exists(ckpt)
     log = caplog.text
-    for key in ("recon_loss", "vq_loss", "lp_loss", "code_ppl", "codes_used", "nll_loss"):
+    keys = ("length_loss", "length_acc") if "--latent-length-prediction" in extra else ()
+    for key in ("recon_loss", "vq_loss", "lp_loss", "code_ppl", "codes_used", "nll_loss") + keys:
         assert f"{key}=" in log or f"{key} " in log, key
 
     out = generate(data_bin, ckpt, ["--scoring", "sacrebleu", "--max-len-b", "40"])

@@ -315,3 +315,75 @@ def test_averaged_checkpoints_decode_with_fairseq_generate(tmp_path):
                         avg, str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x.pt")],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
+
+
+def _length_setup(tmp_path):
+    task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0",
+                                                                  "--latent-length-prediction"])
+    model.eval()
+    lp = model.decoder.latent_predictor
+    with torch.no_grad():  # distinct, confident length choices per sentence
+        lp.length_output.weight.add_(0.5 * torch.randn_like(lp.length_output.weight))
+    sample = make_sample(task.target_dictionary, [3, 8, 20, 1, 13])
+    with torch.no_grad():
+        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+    return task, model, criterion, sample, lp, model.decoder.bottleneck.embed_codes, enc
+
+
+def test_latent_length_prediction_decodes_the_predicted_number_of_latents(tmp_path):
+    """The length classifier reads the mean of the real source states; greedy decoding emits exactly its choice
+    of latents, each code conditioned on the latents still to come (a per-sentence loop with the same
+    embeddings agrees); the score adds log p(L); beam k=1 equals greedy; the END penalty is refused."""
+    task, model, _, _, lp, emb, enc = _length_setup(tmp_path)
+    with torch.no_grad():
+        states, mask = enc["encoder_out"][0], enc["encoder_padding_mask"][0]
+        for i in range(5):
+            real = states[~mask[i], i]  # (S_i, H)
+            want = torch.log_softmax(lp.length_output(real.mean(0)), -1)
+            torch.testing.assert_close(torch.log_softmax(lp.length_logits(enc)[i], -1), want, atol=1e-5, rtol=0)
+        budget = 9
+        lengths, length_lp = lp.predicted_lengths(enc, budget)
+        assert ((lengths >= 1) & (lengths <= budget)).all() and len(set(lengths.tolist())) > 1
+        codes, pad, scores = lp.generate(enc, emb, budget, 5)
+        assert torch.equal((~pad).sum(1), lengths)
+        for i in range(5):
+            one = model.encoder.reorder_encoder_out(enc, torch.tensor([i]))
+            n = int(lengths[i])
+            state, prev, total = {}, lp.start.expand(1, -1), float(length_lp[i])
+            for t in range(n + 1):
+                lprobs = torch.log_softmax(lp.step(prev, t, one, state, lengths=lengths[i : i + 1]).float(), -1)[0, 0]
+                k = lp.end if t == n else int(lprobs[: lp.end].argmax())
+                total += float(lprobs[k])
+                if t < n:
+                    assert codes[i, t].item() == k
+                    prev = emb(torch.tensor([k]))
+            assert scores[i].item() == pytest.approx(total, abs=1e-4)
+        # teacher-forced logits on these codes: lengths from the mask by default
+        lat = emb(codes).masked_fill(pad.unsqueeze(-1), 0.0)
+        torch.testing.assert_close(lp(lat, pad, enc), lp(lat, pad, enc, lengths=lengths))
+        assert not torch.allclose(lp(lat, pad, enc), lp(lat, pad, enc, lengths=lengths + 1))
+        b_codes, b_pad, b_scores = lp.beam_search(enc, emb, budget, 5, beam=1)
+        assert torch.equal(b_pad, pad) and torch.equal(b_codes.masked_fill(b_pad, 0), codes.masked_fill(pad, 0))
+        torch.testing.assert_close(b_scores, scores, atol=1e-5, rtol=0)
+        k_codes, k_pad, _ = lp.beam_search(enc, emb, budget, 5, beam=3)
+        assert torch.equal((~k_pad).sum(1), lengths.repeat_interleave(3))
+        with pytest.raises(ValueError, match="latent-end-penalty"):
+            lp.generate(enc, emb, budget, 5, end_penalty=1.0)
+
+
+def test_latent_length_loss_is_the_cross_entropy_of_the_number_of_latents(tmp_path):
+    task, model, criterion, sample, lp, emb, enc = _length_setup(tmp_path)
+    model.decoder.set_num_updates(10 ** 6)  # past the latent-loss start: the gate is open
+    loss, _, log = criterion(model, sample)  # evaluation mode: the codebook stays as it is between the calls
+    out = model(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], target=sample["target"])
+    lengths = (~out["latent_padding_mask"]).sum(1).numpy()
+    logits = out["length_logits"].detach().double().numpy()
+    logits -= logits.max(-1, keepdims=True)
+    lprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -lprobs[np.arange(len(lengths)), lengths].sum()
+    assert float(log["length_loss"]) == pytest.approx(want, rel=1e-5)
+    assert int(log["length_correct"]) == int((lprobs.argmax(-1) == lengths).sum())
+    criterion.length_loss_factor = 0.0
+    without, _, _ = criterion(model, sample)
+    gate = criterion.latent_loss_weight * out["latent_loss_weight"]
+    assert gate > 0 and float(loss - without) == pytest.approx(gate * 0.1 * want / 5 * log["sample_size"], rel=1e-4)

@@ -191,6 +191,28 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
 
 
+def test_experiments_curve_scores_each_kept_checkpoint_of_a_translation_lev_run(prepared):
+    """fairseq's NAT validates without BLEU; ``curve`` decodes its checkpoints into valid_bleu.log points that
+    plot_curves.py draws beside train.log."""
+    import json
+
+    root, raw, out = prepared
+    data_bin, work = os.path.join(out, "bin"), str(root / "curve")
+    common = ["--data", data_bin, "--distill", data_bin, "--raw", raw, "--work", work, "--only", "nat-distill"]
+    p = py("scripts/experiments.py", "curve", *common, "--subset", "valid", check=False)
+    assert p.returncode != 0 and "has no checkpoints" in p.stderr
+    py("scripts/experiments.py", "table1", *common, "--max-update", "3", "--max-tokens", "500", "--log-interval",
+       "1", "--keep-checkpoints", "--no-decode")
+    p = py("scripts/experiments.py", "curve", *common, "--subset", "valid")
+    points = [json.loads(line) for line in open(os.path.join(work, "nat-distill", "valid_bleu.log"))]
+    assert [pt["valid_num_updates"] for pt in points] == [3] and 0.0 <= points[0]["valid_bleu"] <= 100.0
+    assert f"nat-distill update 3: valid BLEU {points[0]['valid_bleu']:.2f}" in p.stdout
+    assert "fairseq-generate" not in py("scripts/experiments.py", "curve", *common, "--subset", "valid").stdout
+    png = str(root / "nat-curve.png")
+    p = py("scripts/plot_curves.py", "--run", f"NAT={os.path.join(work, 'nat-distill')}", "--out", png)
+    assert os.path.getsize(png) > 0 and "| NAT | 3 |" in p.stdout, p.stdout
+
+
 def test_prepare_wmt14_from_local_archives(tmp_path):
     """The WMT'14 script on tiny stand-in archives with the statmt.org layout (the download path is not run)."""
     import tarfile

@@ -1,8 +1,9 @@
 """Criterion ``latent_vq``: reconstruction + commitment/codebook + latent-predictor losses (t2t transformer_nat).
 
     loss = CE(y | decoder(z_q))  +  bottleneck loss (beta * commitment, eq.2 [+ eq.3])  +  w * g(t) * CE_lp
+           [+ w * g(t) * a * CE_length]          (with --latent-length-prediction; a = --length-loss-factor)
 
-each term a mean (per target token, per latent scalar, per latent position), as tensor2tensor sums its
+each term a mean (per target token, per latent scalar, per latent position, per sentence), as tensor2tensor sums its
 "training", "extra" and "latent_pred" losses; g(t) is the latent-loss gate (0 until ``--latent-loss-start``).
 The returned loss is that mean times ``sample_size`` (= target tokens), fairseq's convention. Every term is
 logged through fairseq's metrics (cross-entropies in base 2), with the code perplexity ``code_ppl``, the fraction of codes
@@ -48,14 +49,18 @@ class SoftmaxNLL(torch.autograd.Function):
 class LatentVQCriterionConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the reconstruction loss"})
     latent_loss_weight: float = field(default=1.0, metadata={"help": "weight of the latent-predictor loss"})
+    length_loss_factor: float = field(default=0.1, metadata={
+        "help": "weight of the latent-length classifier's loss relative to the latent-predictor loss (models "
+                "with --latent-length-prediction; fairseq NAT's --length-loss-factor)"})
 
 
 @register_criterion("latent_vq", dataclass=LatentVQCriterionConfig)
 class LatentVQCriterion(FairseqCriterion):
-    def __init__(self, task, label_smoothing=0.0, latent_loss_weight=1.0):
+    def __init__(self, task, label_smoothing=0.0, latent_loss_weight=1.0, length_loss_factor=0.1):
         super().__init__(task)
         self.eps = label_smoothing
         self.latent_loss_weight = latent_loss_weight
+        self.length_loss_factor = length_loss_factor
 
     def forward(self, model, sample, reduce=True):
         target = sample["target"]
@@ -96,6 +101,13 @@ class LatentVQCriterion(FairseqCriterion):
             logging_output["sample_codes"] = (distinct * latent_real).sum().data
         gate = self.latent_loss_weight * out["latent_loss_weight"]
         mean_loss = recon / max(ntokens, 1) + q.loss.float() + gate * lp_loss / n_lp.clamp(min=1)
+        if out.get("length_logits") is not None:  # the number of latents of each sentence, from the source
+            lengths = latent_real.sum(1)
+            length_lprobs = F.log_softmax(out["length_logits"].float(), dim=-1)
+            length_loss = -length_lprobs.gather(1, lengths.unsqueeze(1)).sum()
+            mean_loss = mean_loss + gate * self.length_loss_factor * length_loss / target.size(0)
+            logging_output["length_loss"] = length_loss.data
+            logging_output["length_correct"] = (length_lprobs.argmax(-1) == lengths).sum().data
         loss = mean_loss * sample_size
 
         logging_output.update({
@@ -140,6 +152,10 @@ class LatentVQCriterion(FairseqCriterion):
         if any("sample_codes" in log for log in logging_outputs):
             metrics.log_scalar("sample_codes", total("sample_codes") / max(nreal, 1), nreal, round=2)
         metrics.log_scalar("masking", total("masking") / nbatches, nbatches, round=3)
+        if any("length_loss" in log for log in logging_outputs):
+            nsentences = max(total("nsentences"), 1)
+            metrics.log_scalar("length_loss", total("length_loss") / nsentences / ln2, nsentences, round=3)
+            metrics.log_scalar("length_acc", total("length_correct") / nsentences, nsentences, round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -7,6 +7,13 @@ ceil(n / 2^nc) codes followed by END, so at inference the predictor decides the 
 stops early per sentence. With product quantization it predicts the ``num_blocks`` codes of a position with
 one softmax each (END is read from block 0).
 
+Latent length prediction (``predict_length``, ``--latent-length-prediction``; beyond the paper, as the length
+classifier of fairseq's NAT, Gu et al. 2018): a classifier on the mean source encoding predicts the number of
+latents L first, and every input position j also gets a learned embedding of the number of latents still to come,
+L - j (a length-aware position, Takase & Okazaki 2019), so the codes are predicted for a known length. At
+inference END is excluded before position L and chosen at L. Without it, END follows whichever code the
+autoencoder uses to end a sentence with near certainty, and greedy decoding picks such codes too early.
+
 Inputs at training time are the straight-through quantized latents, shifted right behind a learned start
 vector (tensor2tensor feeds ``latents_dense`` to its "extra" decoder the same way); at inference the embedding
 of the previous predicted code. Built from fairseq's ``TransformerDecoderLayer`` with incremental state.
@@ -26,9 +33,11 @@ def causal_mask(length: int, device) -> Tensor:
 
 
 class LatentPredictor(nn.Module):
-    def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int):
+    def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
+                 predict_length: bool = False):
         super().__init__()
         dim = args.decoder_embed_dim
+        self.max_latents = max_latents
         self.num_codes = num_codes
         self.num_blocks = num_blocks
         self.end = num_codes  # the end-of-latents symbol
@@ -41,10 +50,39 @@ class LatentPredictor(nn.Module):
         self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(num_layers))
         self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
         self.output = nn.Linear(dim, num_blocks * (num_codes + 1))
+        self.predict_length = predict_length
+        if predict_length:
+            self.length_output = nn.Linear(dim, max_latents + 1)  # classes 0..max_latents (0: never a target)
+            self.remaining = nn.Embedding(max_latents + 1, dim)  # L - j for input position j = 0..L
+            nn.init.normal_(self.remaining.weight, std=dim**-0.5)
 
-    def _embed(self, x: Tensor, offset: int = 0) -> Tensor:
-        positions = self.positions[offset : offset + x.size(1)].to(x.dtype)
-        return self.dropout(x + positions.unsqueeze(0))
+    def length_logits(self, encoder_out: Dict) -> Tensor:
+        """(B, max_latents + 1) logits of the number of latents, from the mean of the source encoding over its
+        real positions (fairseq NAT's ``forward_length``)."""
+        enc, enc_mask = unpack_encoder_out(encoder_out)  # (S, B, H), (B, S) or None
+        if enc_mask is None:
+            mean = enc.mean(0)
+        else:
+            keep = (~enc_mask).t().unsqueeze(-1).to(enc.dtype)
+            mean = (enc * keep).sum(0) / keep.sum(0).clamp(min=1)
+        return self.length_output(mean)
+
+    def predicted_lengths(self, encoder_out: Dict, max_latents: int) -> Tuple[Tensor, Tensor]:
+        """The most probable number of latents in 1..``max_latents`` and its log-probability, (B,) each."""
+        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)
+        best, lengths = lprobs[:, 1 : max_latents + 1].max(-1)
+        return lengths + 1, best
+
+    def _remaining(self, lengths: Tensor, offset: int, width: int) -> Tensor:
+        """(B, width, H) embeddings of L - j for positions j = offset .. offset + width - 1 (clamped to 0)."""
+        j = torch.arange(offset, offset + width, device=lengths.device).unsqueeze(0)
+        return self.remaining((lengths.unsqueeze(1) - j).clamp(0, self.max_latents))
+
+    def _embed(self, x: Tensor, offset: int = 0, lengths: Optional[Tensor] = None) -> Tensor:
+        x = x + self.positions[offset : offset + x.size(1)].to(x.dtype).unsqueeze(0)
+        if self.predict_length:
+            x = x + self._remaining(lengths, offset, x.size(1)).to(x.dtype)
+        return self.dropout(x)
 
     def _logits(self, x: Tensor) -> Tensor:
         if self.layer_norm is not None:
@@ -52,12 +90,16 @@ class LatentPredictor(nn.Module):
         logits = F.linear(x, self.output.weight, self.output.bias)
         return logits.view(*x.shape[:-1], self.num_blocks, self.num_codes + 1)
 
-    def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict) -> Tensor:
+    def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict,
+                lengths: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced logits. ``latents`` (B, L, H) quantized; returns (B, L + 1, num_blocks, K + 1):
-        position j predicts latent j from latents < j, and position L_i predicts END."""
+        position j predicts latent j from latents < j, and position L_i predicts END. ``lengths`` (B,): the
+        sentences' numbers of latents for length prediction (default: the real positions of the mask)."""
         b, length, _ = latents.shape
+        if lengths is None:
+            lengths = (~latent_padding_mask).sum(1)
         x = torch.cat([self.start.to(latents.dtype).expand(b, 1, -1), latents], dim=1)
-        x = self._embed(x)
+        x = self._embed(x, lengths=lengths)
         # position j reads inputs 0..j; inputs past a sentence's END position are padding
         pad = torch.cat([latent_padding_mask.new_zeros(b, 1), latent_padding_mask], dim=1)
         enc, enc_mask = unpack_encoder_out(encoder_out)
@@ -67,9 +109,10 @@ class LatentPredictor(nn.Module):
             x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
         return self._logits(x.transpose(0, 1))
 
-    def step(self, prev: Tensor, position: int, encoder_out: Dict, incremental_state: Dict) -> Tensor:
+    def step(self, prev: Tensor, position: int, encoder_out: Dict, incremental_state: Dict,
+             lengths: Optional[Tensor] = None) -> Tensor:
         """One cached decoding step: ``prev`` (B, H) previous latent embedding -> (B, num_blocks, K + 1)."""
-        x = self._embed(prev.unsqueeze(1), offset=position).transpose(0, 1)
+        x = self._embed(prev.unsqueeze(1), offset=position, lengths=lengths).transpose(0, 1)
         enc, enc_mask = unpack_encoder_out(encoder_out)
         for layer in self.layers:
             x, _, _ = layer(x, enc, enc_mask, incremental_state=incremental_state)
@@ -88,16 +131,21 @@ class LatentPredictor(nn.Module):
         P > 0, shorter for P < 0, ``--latent-end-penalty``); the returned scores are the model's own
         log-probabilities of what was chosen.
 
+        With length prediction the number of latents is the length classifier's choice (END excluded before it,
+        chosen at it) and its log-probability is part of the score.
+
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
         of each sentence's codes and END.
         """
         device = self.start.device
+        predicted = self._lengths(encoder_out, max_latents, end_penalty)
         incremental_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
         prev = self.start.expand(batch_size, -1)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         picked, picked_lp = [], []  # per step: (B, num_blocks) symbols and their log-probabilities
         for t in range(max_latents + 1):
-            logits = self.step(prev, t, encoder_out, incremental_state)
+            logits = self.step(prev, t, encoder_out, incremental_state,
+                               lengths=None if predicted is None else predicted[0])
             lprobs = F.log_softmax(logits.float(), dim=-1)
             if t == 0:
                 lprobs[:, :, self.end] = float("-inf")  # every target has >= 1 token, so >= 1 latent
@@ -109,12 +157,17 @@ class LatentPredictor(nn.Module):
             if end_penalty != 0.0 and t > 0:
                 choose = lprobs.clone()
                 choose[:, 0, self.end] -= end_penalty
+            if predicted is not None:  # END only at the predicted length
+                choose = lprobs.clone()
+                choose[:, 0, self.end] = choose[:, 0, self.end].masked_fill(t < predicted[0], float("-inf"))
             idx = choose.argmax(-1)  # (B, num_blocks)
             if sample is not None:
                 drawn = torch.multinomial(
                     F.softmax(choose.flatten(0, 1) / temperature, dim=-1), 1
                 ).view_as(idx)
                 idx = torch.where(sample.unsqueeze(1), drawn, idx)
+            if predicted is not None:
+                idx[:, 0] = idx[:, 0].masked_fill(t >= predicted[0], self.end)
             best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
             picked.append(idx)
             picked_lp.append(best)
@@ -129,6 +182,8 @@ class LatentPredictor(nn.Module):
         lengths = is_end.int().argmax(1)  # every row has an END (forced at max_latents)
         steps = torch.arange(symbols.size(1), device=device).unsqueeze(0)
         scores = torch.stack(picked_lp, dim=1).sum(-1).masked_fill(steps > lengths.unsqueeze(1), 0.0).sum(1)
+        if predicted is not None:
+            scores = scores + predicted[1]
         codes = symbols[:, :-1].clamp(max=self.num_codes - 1) if symbols.size(1) > 1 else \
             torch.zeros(batch_size, 1, self.num_blocks, dtype=torch.long, device=device)
         if self.num_blocks == 1:
@@ -136,6 +191,15 @@ class LatentPredictor(nn.Module):
         padding_mask = torch.arange(codes.size(1), device=device).unsqueeze(0) >= lengths.unsqueeze(1)
         return codes, padding_mask, scores
 
+
+    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float) -> Optional[Tuple[Tensor, Tensor]]:
+        """(predicted numbers of latents, their log-probabilities) with length prediction, else None."""
+        if not self.predict_length:
+            return None
+        if end_penalty != 0.0:
+            raise ValueError("--latent-end-penalty has no effect on a model with --latent-length-prediction: "
+                             "its END comes at the predicted number of latents")
+        return self.predicted_lengths(encoder_out, max_latents)
 
     @torch.no_grad()
     def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int,
@@ -146,7 +210,8 @@ class LatentPredictor(nn.Module):
         Each step re-runs the teacher-forced ``forward`` on the prefixes (latent sequences are a few positions
         long). Returns codes (B * beam, L), their padding mask and scores (B * beam,), sentence-major with each
         sentence's best sequence first. ``beam`` = 1 is greedy decoding (``generate``). ``end_penalty`` P is
-        subtracted from log p(END) wherever END is optional, and is part of the scores.
+        subtracted from log p(END) wherever END is optional, and is part of the scores. With length prediction
+        all of a sentence's sequences have the predicted number of latents.
         """
         if self.num_blocks != 1:
             raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
@@ -155,6 +220,8 @@ class LatentPredictor(nn.Module):
         rows = batch_size * k
         order = torch.arange(batch_size, device=device).repeat_interleave(k)
         enc = _reorder(encoder_out, order)
+        predicted = self._lengths(encoder_out, max_latents, end_penalty)
+        row_lengths = None if predicted is None else predicted[0][order]
         codes = torch.zeros(rows, 0, dtype=torch.long, device=device)
         scores = torch.zeros(batch_size, k, device=device)
         scores[:, 1:] = float("-inf")  # all beams start equal: only the first one is expanded at step 0
@@ -163,7 +230,7 @@ class LatentPredictor(nn.Module):
         for t in range(max_latents + 1):
             pad = torch.zeros(rows, t, dtype=torch.bool, device=device)
             latents = embed_codes(codes.clamp(max=self.num_codes - 1)).to(self.start.dtype)
-            logits = self.forward(latents, pad, enc)[:, t, 0]  # (rows, K + 1): the next symbol
+            logits = self.forward(latents, pad, enc, lengths=row_lengths)[:, t, 0]  # (rows, K + 1): next symbol
             lprobs = F.log_softmax(logits.float(), dim=-1)
             if t == 0:
                 lprobs[:, self.end] = float("-inf")  # every target has >= 1 latent
@@ -171,6 +238,10 @@ class LatentPredictor(nn.Module):
                 lprobs[:, : self.end] = float("-inf")
             else:
                 lprobs[:, self.end] -= end_penalty
+            if row_lengths is not None:  # END exactly at the predicted length
+                lprobs[:, self.end] = lprobs[:, self.end].masked_fill(t < row_lengths, float("-inf"))
+                lprobs[:, : self.end] = lprobs[:, : self.end].masked_fill((t >= row_lengths).unsqueeze(1),
+                                                                          float("-inf"))
             # finished sequences continue with END only, at no cost
             lprobs = torch.where(done.unsqueeze(1), torch.full_like(lprobs, float("-inf")), lprobs)
             lprobs[done, self.end] = 0.0
@@ -194,7 +265,10 @@ class LatentPredictor(nn.Module):
         if codes.size(1) < width:
             codes = F.pad(codes, (0, width - codes.size(1)))
         padding_mask = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
-        return codes.masked_fill(padding_mask, 0), padding_mask, scores.view(-1)[pick]
+        scores = scores.view(-1)[pick]
+        if predicted is not None:
+            scores = scores + predicted[1][order]
+        return codes.masked_fill(padding_mask, 0), padding_mask, scores
 
 
 def _reorder(encoder_out: Dict, order: Tensor) -> Dict:

@@ -136,6 +136,10 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                        help="stop: the latent-predictor loss trains the predictor only (t2t stops the gradient "
                             "at its input latents); flow: it also trains the autoencoder through the "
                             "straight-through latents")
+        g.add_argument("--latent-length-prediction", action="store_true",
+                       help="predict the number of latents from the source first (a length classifier, trained "
+                            "with the criterion's --length-loss-factor) and condition the latent predictor on "
+                            "the latents still to come; END comes at the predicted length (beyond the paper)")
         g.add_argument("--glancing-ratio", type=float, metavar="R",
                        help="adaptive glancing (GLAT, Qian et al. 2021) instead of the masking schedule: each "
                             "update first decodes without gold inputs, then feeds gold target embeddings at "
@@ -226,7 +230,8 @@ class LatentDecoder(FairseqDecoder):
         self.num_blocks = args.num_blocks if args.bottleneck in ("vq", "em") else 1
         max_latents = (args.max_target_positions + self.factor - 1) // self.factor
         self.latent_predictor = LatentPredictor(
-            args, args.latent_layers or args.decoder_layers, self.num_codes, self.num_blocks, max_latents
+            args, args.latent_layers or args.decoder_layers, self.num_codes, self.num_blocks, max_latents,
+            predict_length=getattr(args, "latent_length_prediction", False),
         )
         self.decompressor = Decompressor(dim, self.nc, dropout=args.dropout)
         self.register_buffer(
@@ -356,6 +361,9 @@ class LatentDecoder(FairseqDecoder):
             "latent_padding_mask": latent_pad,
             "latent_logits": lp_logits,
             "latent_targets": self.latent_targets(q.targets, latent_pad),
+            # (B, max_latents + 1) with --latent-length-prediction, else None; the target is the number of latents
+            "length_logits": self.latent_predictor.length_logits(encoder_out)
+            if self.latent_predictor.predict_length else None,
             "masking": self.masking() if glance is None
             else 1.0 - float(glance.sum()) / max(int(target.ne(self.padding_idx).sum()), 1),
             "latent_loss_weight": self.latent_loss_weight(),
@@ -496,6 +504,7 @@ def base_architecture(args):
     args.ae_attend_source = getattr(args, "ae_attend_source", False)
     args.no_decoder_source_attention = getattr(args, "no_decoder_source_attention", False)
     args.latent_loss_start = getattr(args, "latent_loss_start", None)
+    args.latent_length_prediction = getattr(args, "latent_length_prediction", False)
     args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
     args.max_source_positions = getattr(args, "max_source_positions", None) or 1024
     args.max_target_positions = getattr(args, "max_target_positions", None) or 1024
