@@ -387,3 +387,25 @@ def test_latent_length_loss_is_the_cross_entropy_of_the_number_of_latents(tmp_pa
     without, _, _ = criterion(model, sample)
     gate = criterion.latent_loss_weight * out["latent_loss_weight"]
     assert gate > 0 and float(loss - without) == pytest.approx(gate * 0.1 * want / 5 * log["sample_size"], rel=1e-4)
+
+
+def test_latent_length_prediction_keeps_each_sentence_within_its_own_budget_whatever_the_batch(tmp_path):
+    """Per-sentence length budgets (a·|x| + b tokens) bound the predicted number of latents before the codes
+    are predicted, so a sentence decodes to the same tokens alone and in a batch."""
+    task, model, _, sample, lp, _, _ = _length_setup(tmp_path)
+    with torch.no_grad():
+        lp.length_output.bias[-40:] += 20.0  # the classifier wants more latents than any budget allows
+        lp.remaining.weight.mul_(30.0)  # and the codes depend strongly on the number of latents to come
+    gen = LatentGenerator(task.target_dictionary, max_len_a=0.5, max_len_b=2)
+    batch = [h[0]["tokens"].tolist() for h in gen.generate([model], sample)]
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    limits = (0.5 * lengths.float() + 2).long()  # 2-12 tokens: 1 or 2 latents of 8
+    assert len(set(limits.tolist())) > 1
+    for i in range(src.size(0)):
+        n = int(lengths[i])
+        one = {"id": sample["id"][i : i + 1], "target": sample["target"][i : i + 1],
+               "net_input": {"src_tokens": src[i : i + 1, -n:], "src_lengths": lengths[i : i + 1]}}
+        alone = gen.generate([model], one)[0][0]
+        assert alone["tokens"].tolist() == batch[i]
+        f = model.decoder.factor
+        assert len(alone["latents"]) == (int(limits[i]) + f - 1) // f  # the budget, in latents of 2^nc tokens

@@ -107,7 +107,8 @@ class LatentGenerator:
             dec = model.decoder
             max_latents = max(1, min(int(budget.max()), dec.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, beam_scores = dec.latent_predictor.beam_search(
-                encoder_out, dec.bottleneck.embed_codes, max_latents, b, beam, end_penalty=self.latent_end_penalty)
+                encoder_out, dec.bottleneck.embed_codes, max_latents, b, beam, end_penalty=self.latent_end_penalty,
+                budgets=budget)
             if self.teacher is None:  # chosen by latent score: each sentence's best sequence
                 first = torch.arange(b, device=codes.device) * beam
                 codes, latent_pad, beam_scores = codes[first], latent_pad[first], beam_scores[first]

@@ -67,10 +67,16 @@ class LatentPredictor(nn.Module):
             mean = (enc * keep).sum(0) / keep.sum(0).clamp(min=1)
         return self.length_output(mean)
 
-    def predicted_lengths(self, encoder_out: Dict, max_latents: int) -> Tuple[Tensor, Tensor]:
-        """The most probable number of latents in 1..``max_latents`` and its log-probability, (B,) each."""
-        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)
-        best, lengths = lprobs[:, 1 : max_latents + 1].max(-1)
+    def predicted_lengths(self, encoder_out: Dict, max_latents: int,
+                          budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The most probable number of latents in 1..``max_latents`` (and ≤ each sentence's ``budgets`` (B,),
+        so that a sentence's latents do not depend on the batch) and its log-probability, (B,) each."""
+        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)[:, 1 : max_latents + 1]
+        if budgets is not None:
+            allowed = torch.arange(1, lprobs.size(1) + 1, device=lprobs.device).unsqueeze(0) <= \
+                budgets.clamp(min=1).unsqueeze(1)
+            lprobs = lprobs.masked_fill(~allowed, float("-inf"))
+        best, lengths = lprobs.max(-1)
         return lengths + 1, best
 
     def _remaining(self, lengths: Tensor, offset: int, width: int) -> Tensor:
@@ -122,6 +128,7 @@ class LatentPredictor(nn.Module):
     def generate(
         self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
         sample: Optional[Tensor] = None, temperature: float = 1.0, end_penalty: float = 0.0,
+        budgets: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents``
         codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from
@@ -131,14 +138,14 @@ class LatentPredictor(nn.Module):
         P > 0, shorter for P < 0, ``--latent-end-penalty``); the returned scores are the model's own
         log-probabilities of what was chosen.
 
-        With length prediction the number of latents is the length classifier's choice (END excluded before it,
-        chosen at it) and its log-probability is part of the score.
+        With length prediction the number of latents is the length classifier's choice (at most ``budgets``
+        (B,) where given; END excluded before it, chosen at it) and its log-probability is part of the score.
 
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
         of each sentence's codes and END.
         """
         device = self.start.device
-        predicted = self._lengths(encoder_out, max_latents, end_penalty)
+        predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets)
         incremental_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
         prev = self.start.expand(batch_size, -1)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -192,18 +199,19 @@ class LatentPredictor(nn.Module):
         return codes, padding_mask, scores
 
 
-    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float) -> Optional[Tuple[Tensor, Tensor]]:
+    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float,
+                 budgets: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
         """(predicted numbers of latents, their log-probabilities) with length prediction, else None."""
         if not self.predict_length:
             return None
         if end_penalty != 0.0:
             raise ValueError("--latent-end-penalty has no effect on a model with --latent-length-prediction: "
                              "its END comes at the predicted number of latents")
-        return self.predicted_lengths(encoder_out, max_latents)
+        return self.predicted_lengths(encoder_out, max_latents, budgets)
 
     @torch.no_grad()
     def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int,
-                    end_penalty: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+                    end_penalty: float = 0.0, budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """The ``beam`` best latent sequences of every sentence (beam search, one code per position, END ends a
         sequence; ranked by the mean log-probability of their codes and END, as fairseq's length penalty 1).
 
@@ -211,7 +219,7 @@ class LatentPredictor(nn.Module):
         long). Returns codes (B * beam, L), their padding mask and scores (B * beam,), sentence-major with each
         sentence's best sequence first. ``beam`` = 1 is greedy decoding (``generate``). ``end_penalty`` P is
         subtracted from log p(END) wherever END is optional, and is part of the scores. With length prediction
-        all of a sentence's sequences have the predicted number of latents.
+        all of a sentence's sequences have the predicted number of latents (at most ``budgets``, as ``generate``).
         """
         if self.num_blocks != 1:
             raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
@@ -220,7 +228,7 @@ class LatentPredictor(nn.Module):
         rows = batch_size * k
         order = torch.arange(batch_size, device=device).repeat_interleave(k)
         enc = _reorder(encoder_out, order)
-        predicted = self._lengths(encoder_out, max_latents, end_penalty)
+        predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets)
         row_lengths = None if predicted is None else predicted[0][order]
         codes = torch.zeros(rows, 0, dtype=torch.long, device=device)
         scores = torch.zeros(batch_size, k, device=device)

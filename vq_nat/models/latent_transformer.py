@@ -415,7 +415,7 @@ class LatentDecoder(FairseqDecoder):
                                      self.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, latent_scores = self.latent_predictor.generate(
                 encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample,
-                end_penalty=end_penalty,
+                end_penalty=end_penalty, budgets=latent_budget,
             )
         else:
             if latent_pad is None or latent_pad.shape != codes.shape[:2]:
