@@ -2,7 +2,7 @@
 """Decoding speed, side by side: the Latent Transformer against an autoregressive fairseq transformer.
 
     python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
-        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--threads N] [--cpu]
+        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--lt-npd 4] [--threads N] [--cpu]
 
 Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C, B C A, C A B, ...:
 each model decodes all its batches, warm, as when decoding a test set; the first model rotates from round to
@@ -14,7 +14,9 @@ own layer code (TransformerEncoderLayer / TransformerDecoderLayer with increment
 times include the encoder, all decoding steps and the hypothesis post-processing that fairseq-generate does
 (not data loading). Use the same machine and thread count for both, as here. Each line also gives the output tokens per sentence (EOS included) and, for the LT,
 the decoded span (latents x 2^nc: the positions it projects onto the vocabulary unless the length budget cuts
-it), against one position per output token for an autoregressive model.
+it), against one position per output token for an autoregressive model. ``--lt-npd K`` adds the LT with noisy
+parallel decoding (K latent candidates, rescored by the AR model of ``--ar-path``, as ``fairseq-generate
+--npd-candidates K --npd-teacher``) to the rounds, with AR greedy's time over its own.
 """
 import argparse
 import statistics
@@ -97,6 +99,8 @@ def main(argv=None):
     p.add_argument("--max-sentences", type=int, default=200,
                    help="about this many sentences per model and round, in batches evenly spaced over the split")
     p.add_argument("--ar-beams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--lt-npd", type=int, nargs="*", default=[], metavar="K",
+                   help="also time the LT with noisy parallel decoding of K candidates, the AR model rescoring")
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
@@ -119,6 +123,12 @@ def main(argv=None):
         t.load_dataset(args.gen_subset)
     gen_args = argparse.Namespace(max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     runners = {"LT": (lt_task, lt_task.build_generator(lt_models, gen_args), lt_models)}
+    from vq_nat.latent_generator import LatentGenerator
+
+    for k in args.lt_npd:
+        gen = LatentGenerator(lt_task.target_dictionary, args.max_len_a, args.max_len_b, npd_candidates=k,
+                              npd_teacher=ar_models[0])
+        runners[f"LT NPD{k}"] = (lt_task, gen, lt_models)
     for beam in args.ar_beams:
         gen = SequenceGenerator(ar_models, ar_task.target_dictionary, beam_size=beam,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b)
@@ -151,6 +161,11 @@ def main(argv=None):
                 rs = ratios[(name, bs)]
                 print(f"ratio batch{bs}: {name} / LT = {statistics.median(rs):.2f} (median of {len(rs)} rounds; "
                       f"min {min(rs):.2f}, max {max(rs):.2f})")
+        for name in runners:
+            if name.startswith("LT NPD") and ("AR greedy", bs) in ratios:
+                rs = [a / b for a, b in zip(ratios[("AR greedy", bs)], ratios[(name, bs)])]
+                print(f"ratio batch{bs}: AR greedy / {name} = {statistics.median(rs):.2f} (median of {len(rs)} "
+                      f"rounds; min {min(rs):.2f}, max {max(rs):.2f})")
     speed = " ".join(f"batch{bs}={statistics.median(ratios[('AR greedy', bs)]):.2f}"
                      for bs in args.batch_sizes if ("AR greedy", bs) in ratios)
     print(f"speedup {speed}")

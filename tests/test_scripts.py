@@ -157,9 +157,11 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
 
     lt_ckpt, ar_ckpt = (os.path.join(work, name, "checkpoint_last.pt") for name in (lt, "ar"))
     p = py("scripts/bench_decode.py", data_bin, "--lt-path", lt_ckpt, "--ar-path", ar_ckpt, "--repeats", "1",
-           "--max-sentences", "4", "--batch-sizes", "1", "4", "--ar-beams", "1", "--cpu")
+           "--max-sentences", "4", "--batch-sizes", "1", "4", "--ar-beams", "1", "--lt-npd", "2", "--cpu")
     assert re.fullmatch(r"speedup batch1=\d+\.\d\d batch4=\d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
     assert re.search(r"^ratio batch4: AR greedy / LT = \d+\.\d\d", p.stdout, re.M), p.stdout
+    assert re.search(r"^ratio batch1: AR greedy / LT NPD2 = \d+\.\d\d", p.stdout, re.M), p.stdout
+    assert re.search(r"^batch   4  LT NPD2 .* ms/sentence", p.stdout, re.M), p.stdout
     tiny = ("--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
             "--encoder-layers 1 --decoder-layers 1 --encoder-attention-heads 2 --decoder-attention-heads 2")
     p = py("scripts/bench_train.py", data_bin, "--steps", "1", "--repeats", "1", "--max-tokens", "300",
