@@ -82,7 +82,8 @@ def main(argv=None):
             z_e, latent_pad = dec.encode_target(tgt, enc)
             ae = dec.bottleneck.nearest_codes(z_e)
             pred, pred_pad, _ = dec.latent_predictor.generate(
-                enc, dec.bottleneck.embed_codes, max(1, latent_pad.size(1) * 2), net["src_tokens"].size(0))
+                enc, dec.bottleneck.embed_codes, max(1, latent_pad.size(1) * 2), net["src_tokens"].size(0),
+                budgets=2 * (~latent_pad).sum(1))  # per sentence: the batch does not change its latents
             for b, sid in enumerate(sample["id"].tolist()):
                 n_lat = int((~latent_pad[b]).sum())
                 a = ae[b, :n_lat]

@@ -516,8 +516,8 @@ def main(argv=None):
                 sys.exit(f"experiments.py: unknown run(s) {missing}; choose from {list(by_name)}")
             runs = [by_name[n] for n in args.only]
         if args.what == "curve":
-            if args.subset == "test":
-                print("experiments.py: curves are drawn on valid; pass --subset valid", file=sys.stderr)
+            if args.subset != "valid":
+                sys.exit("experiments.py: curves are drawn on valid (valid_bleu.log); pass --subset valid")
             execute_curve(runs, args)
         else:
             execute(runs, args, "table1")

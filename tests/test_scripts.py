@@ -203,16 +203,22 @@ def test_experiments_curve_scores_each_kept_checkpoint_of_a_translation_lev_run(
     common = ["--data", data_bin, "--distill", data_bin, "--raw", raw, "--work", work, "--only", "nat-distill"]
     p = py("scripts/experiments.py", "curve", *common, "--subset", "valid", check=False)
     assert p.returncode != 0 and "has no checkpoints" in p.stderr
-    py("scripts/experiments.py", "table1", *common, "--max-update", "3", "--max-tokens", "500", "--log-interval",
-       "1", "--keep-checkpoints", "--no-decode")
+    p = py("scripts/experiments.py", "table1", *common, "--max-update", "3", "--max-tokens", "500",
+           "--log-interval", "1", "--keep-checkpoints", "--no-decode")
+    assert "--keep-interval-updates -1" in p.stdout  # fairseq keeps every 500-update checkpoint
+    save = os.path.join(work, "nat-distill")
+    shutil.copy(os.path.join(save, "checkpoint_last.pt"), os.path.join(save, "checkpoint_1_2.pt"))  # as if kept
     p = py("scripts/experiments.py", "curve", *common, "--subset", "valid")
-    points = [json.loads(line) for line in open(os.path.join(work, "nat-distill", "valid_bleu.log"))]
-    assert [pt["valid_num_updates"] for pt in points] == [3] and 0.0 <= points[0]["valid_bleu"] <= 100.0
-    assert f"nat-distill update 3: valid BLEU {points[0]['valid_bleu']:.2f}" in p.stdout
+    points = [json.loads(line) for line in open(os.path.join(save, "valid_bleu.log"))]
+    assert [pt["valid_num_updates"] for pt in points] == [2, 3]  # the kept checkpoint, then the last one
+    assert all(0.0 <= pt["valid_bleu"] <= 100.0 for pt in points)
+    assert f"nat-distill update 3: valid BLEU {points[1]['valid_bleu']:.2f}" in p.stdout
+    p = py("scripts/experiments.py", "curve", *common, check=False)
+    assert p.returncode != 0 and "pass --subset valid" in p.stderr
     assert "fairseq-generate" not in py("scripts/experiments.py", "curve", *common, "--subset", "valid").stdout
     png = str(root / "nat-curve.png")
     p = py("scripts/plot_curves.py", "--run", f"NAT={os.path.join(work, 'nat-distill')}", "--out", png)
-    assert os.path.getsize(png) > 0 and "| NAT | 3 |" in p.stdout, p.stdout
+    assert os.path.getsize(png) > 0 and "| NAT | 2 |" in p.stdout and "| NAT | 3 |" in p.stdout, p.stdout
 
 
 def test_prepare_wmt14_from_local_archives(tmp_path):

@@ -22,7 +22,8 @@ predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by 
 Latent length (``latent_end_penalty`` P, ``--latent-end-penalty``): the latent predictor's END is chosen as if its
 log-probability were lower by P, so P > 0 gives longer latent sequences (and outputs), P < 0 shorter ones; the
 value is chosen on valid like fairseq's ``--lenpen``. A model trained with ``--latent-length-prediction`` takes the
-number of latents from its length classifier instead (bounded by each sentence's budget); P does not apply.
+number of latents from its length classifier instead (bounded by each sentence's budget); a P other than 0 is
+refused with an error.
 
 Teacher-forced decoding (``oracle_latents``, ``--oracle-latents``): the latents are the autoencoder's own codes
 of the reference (``LatentDecoder.reference_codes``) instead of the predicted ones; the BLEU it gives bounds what

@@ -124,6 +124,16 @@ class LatentPredictor(nn.Module):
             x, _, _ = layer(x, enc, enc_mask, incremental_state=incremental_state)
         return self._logits(x.transpose(0, 1))[:, 0]
 
+    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float,
+                 budgets: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+        """(predicted numbers of latents, their log-probabilities) with length prediction, else None."""
+        if not self.predict_length:
+            return None
+        if end_penalty != 0.0:
+            raise ValueError("--latent-end-penalty has no effect on a model with --latent-length-prediction: "
+                             "its END comes at the predicted number of latents")
+        return self.predicted_lengths(encoder_out, max_latents, budgets)
+
     @torch.no_grad()
     def generate(
         self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
@@ -197,17 +207,6 @@ class LatentPredictor(nn.Module):
             codes = codes[..., 0]
         padding_mask = torch.arange(codes.size(1), device=device).unsqueeze(0) >= lengths.unsqueeze(1)
         return codes, padding_mask, scores
-
-
-    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float,
-                 budgets: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-        """(predicted numbers of latents, their log-probabilities) with length prediction, else None."""
-        if not self.predict_length:
-            return None
-        if end_penalty != 0.0:
-            raise ValueError("--latent-end-penalty has no effect on a model with --latent-length-prediction: "
-                             "its END comes at the predicted number of latents")
-        return self.predicted_lengths(encoder_out, max_latents, budgets)
 
     @torch.no_grad()
     def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int,
