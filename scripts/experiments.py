@@ -261,19 +261,21 @@ def train_seconds(run_dir):
     return sum(float(x) for x in open(path).read().split()) if os.path.exists(path) else None
 
 
+def generate_once(path, data, ckpt, subset, batch_size, gen_args):
+    """fairseq-generate into ``path`` unless it is there already (written atomically: resumable)."""
+    if not os.path.exists(path):
+        sh(["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", subset,
+            "--batch-size", str(batch_size), "--remove-bpe", "--cpu", "--num-workers", "0", *gen_args],
+           log=path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def decode(run, label, gen_args, ckpt, data, args):
     """fairseq-generate at batch 64 (scored) and batch 1 (latency only)."""
-    out = {}
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-    for bs in (64, 1):
-        path = os.path.join(args.work, run.name, f"gen.{slug}.b{bs}.txt")
-        if not os.path.exists(path):
-            cmd = ["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", args.subset,
-                   "--batch-size", str(bs), "--remove-bpe", "--cpu", "--num-workers", "0", *gen_args]
-            sh(cmd, log=path + ".tmp")
-            os.replace(path + ".tmp", path)
-        out[bs] = path
-    return out
+    return {bs: generate_once(os.path.join(args.work, run.name, f"gen.{slug}.b{bs}.txt"), data, ckpt, args.subset,
+                              bs, gen_args) for bs in (64, 1)}
 
 
 def read_generate(path):
@@ -343,8 +345,8 @@ def execute(runs, args, table):
 def execute_curve(runs, args):
     """Valid BLEU of every kept 500-update checkpoint (``table1 --keep-checkpoints``) and of the last one, for
     table-1 runs whose task scores no BLEU during validation (fairseq's ``translation_lev`` ignores
-    ``--eval-bleu``). Each checkpoint is decoded at batch 64 with the arguments of the run's first row; the points are written as
-    fairseq json log lines (``valid_num_updates``, ``valid_bleu``) to ``<run>/valid_bleu.log``, which
+    ``--eval-bleu``). Each checkpoint is decoded at batch 64 with the arguments of the run's first row; the
+    points are written as fairseq json log lines (``valid_num_updates``, ``valid_bleu``) to ``<run>/valid_bleu.log``, which
     scripts/plot_curves.py reads beside ``train.log``."""
     for run in runs:
         save = os.path.join(args.work, run.name)
@@ -354,20 +356,16 @@ def execute_curve(runs, args):
         _, tgt = langs(data)
         ckpts = sorted((int(m[1]), f) for f in (os.listdir(save) if os.path.isdir(save) else [])
                        if (m := re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", f)))
-        last = os.path.join(save, "checkpoint_last.pt")
-        if os.path.exists(last) and num_updates(last) not in {u for u, _ in ckpts}:
-            ckpts.append((num_updates(last), "checkpoint_last.pt"))
+        last = num_updates(os.path.join(save, "checkpoint_last.pt"))  # 0 when there is none
+        if last and last not in {u for u, _ in ckpts}:
+            ckpts.append((last, "checkpoint_last.pt"))
         if not ckpts:
             sys.exit(f"experiments.py: {save} has no checkpoints (train it with `table1 --keep-checkpoints`)")
         gen_args = next(iter(run.decodes.values()))
         points = []
         for update, f in ckpts:
-            path = os.path.join(save, f"gen.curve.{args.subset}.u{update}.txt")
-            if not os.path.exists(path):
-                sh(["fairseq-generate", data, "--user-dir", USER_DIR, "--path", os.path.join(save, f),
-                    "--gen-subset", args.subset, "--batch-size", "64", "--remove-bpe", "--cpu", "--num-workers",
-                    "0", *gen_args], log=path + ".tmp")
-                os.replace(path + ".tmp", path)
+            path = generate_once(os.path.join(save, f"gen.curve.{args.subset}.u{update}.txt"), data,
+                                 os.path.join(save, f), args.subset, 64, gen_args)
             bleu, _ = score(path, os.path.join(args.raw, f"{args.subset}.{tgt}"), tgt)
             points.append({"valid_num_updates": update, "valid_bleu": round(bleu, 2)})
             print(f"experiments.py: {run.name} update {update}: {args.subset} BLEU {bleu:.2f}", flush=True)
