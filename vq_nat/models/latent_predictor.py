@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fairseq.models.nat.nonautoregressive_transformer import _mean_pooling
 from fairseq.modules import LayerNorm, SinusoidalPositionalEmbedding, TransformerDecoderLayer
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
@@ -59,13 +60,7 @@ class LatentPredictor(nn.Module):
     def length_logits(self, encoder_out: Dict) -> Tensor:
         """(B, max_latents + 1) logits of the number of latents, from the mean of the source encoding over its
         real positions (fairseq NAT's ``forward_length``)."""
-        enc, enc_mask = unpack_encoder_out(encoder_out)  # (S, B, H), (B, S) or None
-        if enc_mask is None:
-            mean = enc.mean(0)
-        else:
-            keep = (~enc_mask).t().unsqueeze(-1).to(enc.dtype)
-            mean = (enc * keep).sum(0) / keep.sum(0).clamp(min=1)
-        return self.length_output(mean)
+        return self.length_output(_mean_pooling(*unpack_encoder_out(encoder_out)))
 
     def predicted_lengths(self, encoder_out: Dict, max_latents: int,
                           budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
