@@ -192,12 +192,16 @@ def execute_levers(combos, args):
             f.write(json.dumps(row) + "\n")
 
 
-def robustness_runs(seeds, reseed=False):
+def robustness_runs(seeds, reseed=False, codes=512, nc=1, attend_source=False):
     """Figure 3 analog: hard vs soft EM per seed, validated each epoch with greedy BLEU and with the BLEU of
-    teacher-forced decoding from the autoencoder's own latents (``bleu_oracle``, the paper's y-axis)."""
-    runs = [lt_run(b, seed=s, reseed=reseed) for b in ("vq", "em") for s in seeds]
+    teacher-forced decoding from the autoencoder's own latents (``bleu_oracle``, the paper's y-axis). The paper's
+    Figure 3 has K=2^14 and the autoencoder's encoder attending to the source (``attend_source``)."""
+    runs = [lt_run(b, codes=codes, nc=nc, seed=s, reseed=reseed) for b in ("vq", "em") for s in seeds]
     for r in runs:
         r.train_args += EVAL_BLEU
+        if attend_source:
+            r.train_args.append("--ae-attend-source")
+            r.name += "-attsrc"
         if reseed:  # never the Table-1 runs of the same settings (other budget, log interval)
             r.name += "-fig3"
     return runs
@@ -439,7 +443,7 @@ def plot_robustness(args, reseed=False):
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     summary = []
-    for run in robustness_runs(args.seeds, reseed):
+    for run in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source):
         log = os.path.join(args.work, run.name, "train.log")
         if not os.path.exists(log):
             continue
@@ -463,10 +467,12 @@ def plot_robustness(args, reseed=False):
                 title="BLEU from the autoencoder's own latents")
     axes[1].set(xlabel="update", ylabel="valid BLEU, predicted latents", title="greedy BLEU")
     axes[2].set(xlabel="update", ylabel="code perplexity", yscale="log",
-                title=f"code perplexity (of K=512), EMA decay 0.99, {variant}")
+                title=f"code perplexity (of K={args.codes}), nc={args.nc}, EMA decay 0.99, {variant}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     png = os.path.join(args.work, "robustness-reseed.png" if reseed else "robustness.png")
+    if (args.codes, args.nc, args.ae_attend_source) != (512, 1, False):
+        png = png.replace(".png", f"-K{args.codes}-nc{args.nc}{'-attsrc' if args.ae_attend_source else ''}.png")
     fig.savefig(png, dpi=120)
     print(f"experiments.py: wrote {png}")
     print("| run | last update | teacher-forced BLEU (last valid) | BLEU (last valid) | code ppl (last) "
@@ -494,13 +500,17 @@ def main(argv=None):
                    help="keep every 500-update checkpoint (for `curve`), not only the latest")
     p.add_argument("--reseed", action="store_true",
                    help="robustness: with dead-code re-seeding (threshold 0.1), as the table's runs; default off")
+    p.add_argument("--codes", type=int, default=512, help="robustness: codebook size K (the paper's Figure 3: 16384)")
+    p.add_argument("--nc", type=int, default=1, help="robustness: compression steps (latents = tokens / 2^nc)")
+    p.add_argument("--ae-attend-source", action="store_true",
+                   help="robustness: the autoencoder's encoder attends to the source, as in the paper's Figure 3")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     if args.what == "report":
         report(args)
         for reseed in (False, True):
             if any(os.path.exists(os.path.join(args.work, r.name, "train.log"))
-                   for r in robustness_runs(args.seeds, reseed)):
+                   for r in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source)):
                 plot_robustness(args, reseed)
         return
     if not args.data or not args.raw:
@@ -527,7 +537,8 @@ def main(argv=None):
         execute(ablation_runs(args.only), args, "ablations")
     else:
         args.no_decode = True
-        execute(robustness_runs(args.seeds, args.reseed), args, "robustness")
+        execute(robustness_runs(args.seeds, args.reseed, args.codes, args.nc, args.ae_attend_source), args,
+                "robustness")
         plot_robustness(args, args.reseed)
 
 

@@ -151,6 +151,19 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert os.path.getsize(os.path.join(work, "robustness.png")) > 0
     assert "| lt-vq-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
     assert "| lt-em-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
+    import torch
+
+    # the paper's Figure 3 setting: other K and nc, the autoencoder attending to the source; own runs and picture
+    p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,
+           "--seeds", "1", "--max-update", "2", "--max-tokens", "500", "--log-interval", "1",
+           "--codes", "64", "--nc", "2", "--ae-attend-source")
+    assert os.path.getsize(os.path.join(work, "robustness-K64-nc2-attsrc.png")) > 0
+    for b in ("vq", "em"):
+        run_dir = os.path.join(work, f"lt-{b}-raw-K64-m10-nc2-s1-noreseed-attsrc")
+        assert f"| lt-{b}-raw-K64-m10-nc2-s1-noreseed-attsrc | 2 |" in p.stdout
+        cfg = torch.load(os.path.join(run_dir, "checkpoint_last.pt"), map_location="cpu", weights_only=False)["cfg"]
+        cfg = cfg["model"]
+        assert (cfg.num_codes, cfg.num_compress_steps, cfg.ae_attend_source) == (64, 2, True)
 
     # the speed benchmarks run end to end (their numbers are measured in the README, never asserted here)
     import re
