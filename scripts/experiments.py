@@ -5,7 +5,8 @@
     python scripts/experiments.py ablations --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--only K1024 m1 ...]
     python scripts/experiments.py levers --data BIN [--distill DISTILL_BIN] --raw RAW --work DIR --subset valid \
         --only base stop nc2 stop+glat ...           # one factor changed from LT em; diagnosed on valid
-    python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300] [--reseed]
+    python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300] \
+        [--reseed] [--codes 16384 --nc 3 --ae-attend-source] [--temperature 30 [--anneal-updates 300]]
     python scripts/experiments.py curve --data BIN --distill DISTILL_BIN --raw RAW --work DIR --subset valid \
         --only nat-distill                           # valid BLEU of each kept checkpoint, for plot_curves.py
     python scripts/experiments.py report --work DIR          # tables (markdown) from what has run so far
@@ -192,13 +193,21 @@ def execute_levers(combos, args):
             f.write(json.dumps(row) + "\n")
 
 
-def robustness_runs(seeds, reseed=False, codes=512, nc=1, attend_source=False):
+def robustness_runs(seeds, reseed=False, codes=512, nc=1, attend_source=False, temperature=1.0, anneal=0):
     """Figure 3 analog: hard vs soft EM per seed, validated each epoch with greedy BLEU and with the BLEU of
     teacher-forced decoding from the autoencoder's own latents (``bleu_oracle``, the paper's y-axis). The paper's
-    Figure 3 has K=2^14 and the autoencoder's encoder attending to the source (``attend_source``)."""
+    Figure 3 has K=2^14 and the autoencoder's encoder attending to the source (``attend_source``); ``temperature``
+    is soft EM's E-step temperature (hard EM has none, so its runs are shared across temperatures), annealed
+    geometrically to 1 over the first ``anneal`` updates when ``anneal`` > 0."""
     runs = [lt_run(b, codes=codes, nc=nc, seed=s, reseed=reseed) for b in ("vq", "em") for s in seeds]
     for r in runs:
         r.train_args += EVAL_BLEU
+        if temperature != 1.0 and "-em-" in r.name:
+            r.train_args += ["--soft-em-temperature", f"{temperature:g}"]
+            r.name += f"-T{temperature:g}"
+        if anneal > 0 and "-em-" in r.name:
+            r.train_args += ["--soft-em-anneal-updates", str(anneal)]
+            r.name += f"-anneal{anneal}"
         if attend_source:
             r.train_args.append("--ae-attend-source")
             r.name += "-attsrc"
@@ -442,8 +451,10 @@ def plot_robustness(args, reseed=False):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    temps = f"{args.temperature:g}" + (f" to 1 in {args.anneal_updates}" if args.anneal_updates > 0 else "")
     summary = []
-    for run in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source):
+    for run in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source, args.temperature,
+                               args.anneal_updates):
         log = os.path.join(args.work, run.name, "train.log")
         if not os.path.exists(log):
             continue
@@ -451,7 +462,7 @@ def plot_robustness(args, reseed=False):
         hard = "-vq-" in run.name
         seed = re.search(r"-s(\d+)", run.name).group(1)
         style = dict(color="tab:red" if hard else "tab:blue", ls="-" if hard else "--", alpha=0.8,
-                     label=("hard EM (vq)" if hard else "soft EM (em, m=10)") + f", seed {seed}")
+                     label=("hard EM (vq)" if hard else f"soft EM (em, m=10, T={temps})") + f", seed {seed}")
         if valid_pts:
             axes[0].plot([u for u, _, _ in valid_pts], [o for _, _, o in valid_pts], marker="o", **style)
             axes[1].plot([u for u, _, _ in valid_pts], [b for _, b, _ in valid_pts], marker="o", **style)
@@ -467,12 +478,17 @@ def plot_robustness(args, reseed=False):
                 title="BLEU from the autoencoder's own latents")
     axes[1].set(xlabel="update", ylabel="valid BLEU, predicted latents", title="greedy BLEU")
     axes[2].set(xlabel="update", ylabel="code perplexity", yscale="log",
-                title=f"code perplexity (of K={args.codes}), nc={args.nc}, EMA decay 0.99, {variant}")
+                title=f"code perplexity (of K={args.codes})")
     axes[0].legend(fontsize=7)
+    attends = ", autoencoder attends the source" if args.ae_attend_source else ""
+    fig.suptitle(f"K={args.codes}, nc={args.nc}{attends}, EMA decay 0.99, {variant}")
     fig.tight_layout()
     png = os.path.join(args.work, "robustness-reseed.png" if reseed else "robustness.png")
-    if (args.codes, args.nc, args.ae_attend_source) != (512, 1, False):
-        png = png.replace(".png", f"-K{args.codes}-nc{args.nc}{'-attsrc' if args.ae_attend_source else ''}.png")
+    setting = (args.codes, args.nc, args.ae_attend_source, args.temperature, args.anneal_updates)
+    if setting != (512, 1, False, 1.0, 0):
+        png = png.replace(".png", f"-K{args.codes}-nc{args.nc}{'-attsrc' if args.ae_attend_source else ''}"
+                                  f"{'-T%g' % args.temperature if args.temperature != 1.0 else ''}"
+                                  f"{'-anneal%d' % args.anneal_updates if args.anneal_updates > 0 else ''}.png")
     fig.savefig(png, dpi=120)
     print(f"experiments.py: wrote {png}")
     print("| run | last update | teacher-forced BLEU (last valid) | BLEU (last valid) | code ppl (last) "
@@ -504,13 +520,19 @@ def main(argv=None):
     p.add_argument("--nc", type=int, default=1, help="robustness: compression steps (latents = tokens / 2^nc)")
     p.add_argument("--ae-attend-source", action="store_true",
                    help="robustness: the autoencoder's encoder attends to the source, as in the paper's Figure 3")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="robustness: soft EM's E-step temperature (--soft-em-temperature; the paper: 1)")
+    p.add_argument("--anneal-updates", type=int, default=0,
+                   help="robustness: anneal soft EM's temperature to 1 over the first N updates "
+                        "(--soft-em-anneal-updates; 0 = constant)")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     if args.what == "report":
         report(args)
         for reseed in (False, True):
             if any(os.path.exists(os.path.join(args.work, r.name, "train.log"))
-                   for r in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source)):
+                   for r in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source,
+                                            args.temperature, args.anneal_updates)):
                 plot_robustness(args, reseed)
         return
     if not args.data or not args.raw:
@@ -537,7 +559,8 @@ def main(argv=None):
         execute(ablation_runs(args.only), args, "ablations")
     else:
         args.no_decode = True
-        execute(robustness_runs(args.seeds, args.reseed, args.codes, args.nc, args.ae_attend_source), args,
+        execute(robustness_runs(args.seeds, args.reseed, args.codes, args.nc, args.ae_attend_source,
+                                args.temperature, args.anneal_updates), args,
                 "robustness")
         plot_robustness(args, args.reseed)
 

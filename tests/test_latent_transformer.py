@@ -5,7 +5,7 @@ import torch
 
 from fairseq_helpers import TINY, USER_DIR
 from fairseq_helpers import make_sample as helpers_make_sample
-from vq_nat.models.latent_transformer import masking_probability
+from vq_nat.models.latent_transformer import annealed_temperature, masking_probability
 from vq_nat.modules.compression import Compressor, Decompressor, conv_btc
 from vq_nat.modules.denoising import word_dropout, word_shuffle
 
@@ -44,6 +44,45 @@ def test_masking_schedule_matches_tensor2tensor():
     for step, want in [(0, 1e-4), (6250, 0.0134), (12500, 0.2575), (25000, 0.505), (50000, 1.0), (90000, 1.0)]:
         assert masking_probability(step, 50000) == pytest.approx(want, rel=0.01, abs=1e-6)
     assert masking_probability(0, 0) == 1.0
+
+
+def test_soft_em_temperature_anneals_geometrically_to_one():
+    import numpy as np
+
+    steps = np.array([0, 100, 250, 500, 1000, 5000])
+    want = np.power(30.0, 1.0 - np.minimum(steps / 500, 1.0))  # 30, 30^0.8, 30^0.5, 1, 1, 1
+    got = np.array([annealed_temperature(int(u), 30.0, 500) for u in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got[0] == 30.0 and got[3] == 1.0 and np.all(np.diff(got) <= 0)
+    assert annealed_temperature(700, 30.0, 0) == 30.0  # 0: constant
+
+
+def test_annealed_temperature_follows_the_updates_and_is_saved_with_the_model(tmp_path):
+    from fairseq_helpers import build_task_and_model
+
+    task, model, criterion = build_task_and_model(
+        str(tmp_path), ["--bottleneck", "em", "--soft-em-temperature", "30", "--soft-em-anneal-updates", "200"])
+    dec = model.decoder
+    sample = make_sample(task, [5, 9])
+    model.train()
+    criterion(model, sample)
+    assert dec.bottleneck.temperature == pytest.approx(30.0)
+    model.set_num_updates(100)
+    criterion(model, sample)
+    assert dec.bottleneck.temperature == pytest.approx(30.0 ** 0.5)
+    state = model.state_dict()
+    _, fresh, _ = build_task_and_model(
+        str(tmp_path / "b"), ["--bottleneck", "em", "--soft-em-temperature", "30", "--soft-em-anneal-updates", "200"])
+    fresh.load_state_dict(state)
+    fresh.eval()
+    with torch.no_grad():
+        criterion(fresh, sample)
+    assert fresh.decoder.bottleneck.temperature == pytest.approx(30.0 ** 0.5)
+    model.set_num_updates(400)
+    criterion(model, sample)
+    assert dec.bottleneck.temperature == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="--bottleneck em only"):
+        build_task_and_model(str(tmp_path / "c"), ["--bottleneck", "vq", "--soft-em-anneal-updates", "200"])
 
 
 def test_train_step_passes_the_update_number_to_the_model(built):

@@ -382,6 +382,28 @@ def test_dead_codes_are_reseeded_with_encoder_outputs():
     assert (vq.ema_count >= 0.1 - 1e-6).all()
 
 
+def test_init_std_scales_the_initial_codes_and_spreads_the_posterior():
+    """e_j ~ N(0, S^2 I): the same draw scaled by S, with the EMA sums m_j = e_j; on unit-scale z_e, small codes
+    give the E-step posterior softmax_j(-||z_e - e_j||^2) more entropy (numpy reference)."""
+    torch.manual_seed(0)
+    unit = VectorQuantizer(num_codes=64, dim=8).eval()
+    torch.manual_seed(0)
+    small = VectorQuantizer(num_codes=64, dim=8, init_std=0.1).eval()
+    torch.testing.assert_close(small.codebook, 0.1 * unit.codebook)
+    torch.testing.assert_close(small.ema_sum, small.embed)
+    z = torch.randn(50, 8)
+    entropies = []
+    for vq in (unit, small):
+        logits = -np_dist(z.numpy(), vq.codebook.numpy())
+        q = np.exp(logits - logits.max(-1, keepdims=True))
+        q /= q.sum(-1, keepdims=True)
+        want = float((-(q * np.log(np.maximum(q, 1e-30))).sum(-1)).mean())
+        got = float(vq(z).posterior_entropy)
+        assert got == pytest.approx(want, abs=1e-4)
+        entropies.append(got)
+    assert entropies[1] > entropies[0] + 1.0
+
+
 def test_default_is_the_paper():
     vq = VectorQuantizer(num_codes=16, dim=4)
     assert (vq.assignment, vq.update, vq.decay, vq.epsilon, vq.beta) == ("hard", "ema", 0.999, 1e-5, 0.25)
@@ -393,6 +415,8 @@ def test_bad_arguments_raise():
         VectorQuantizer(8, 5, num_blocks=2)
     with pytest.raises(ValueError):
         VectorQuantizer(8, 4, assignment="fuzzy")
+    with pytest.raises(ValueError):
+        VectorQuantizer(8, 4, init_std=0.0)
     with pytest.raises(ValueError):
         make()(torch.randn(3, 5))
 

@@ -153,17 +153,21 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert "| lt-em-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
     import torch
 
-    # the paper's Figure 3 setting: other K and nc, the autoencoder attending to the source; own runs and picture
+    # the paper's Figure 3 setting: other K and nc, the autoencoder attending to the source, a soft-EM temperature
+    # annealed to 1 (hard EM's run has none); own runs and picture
     p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,
            "--seeds", "1", "--max-update", "2", "--max-tokens", "500", "--log-interval", "1",
-           "--codes", "64", "--nc", "2", "--ae-attend-source")
-    assert os.path.getsize(os.path.join(work, "robustness-K64-nc2-attsrc.png")) > 0
-    for b in ("vq", "em"):
-        run_dir = os.path.join(work, f"lt-{b}-raw-K64-m10-nc2-s1-noreseed-attsrc")
-        assert f"| lt-{b}-raw-K64-m10-nc2-s1-noreseed-attsrc | 2 |" in p.stdout
-        cfg = torch.load(os.path.join(run_dir, "checkpoint_last.pt"), map_location="cpu", weights_only=False)["cfg"]
-        cfg = cfg["model"]
+           "--codes", "64", "--nc", "2", "--ae-attend-source", "--temperature", "30", "--anneal-updates", "2")
+    assert os.path.getsize(os.path.join(work, "robustness-K64-nc2-attsrc-T30-anneal2.png")) > 0
+    for b, suffix, temperature, anneal in (("vq", "", 1.0, 0), ("em", "-T30-anneal2", 30.0, 2)):
+        name = f"lt-{b}-raw-K64-m10-nc2-s1-noreseed{suffix}-attsrc"
+        assert f"| {name} | 2 |" in p.stdout
+        state = torch.load(os.path.join(work, name, "checkpoint_last.pt"), map_location="cpu", weights_only=False)
+        cfg = state["cfg"]["model"]
         assert (cfg.num_codes, cfg.num_compress_steps, cfg.ae_attend_source) == (64, 2, True)
+        assert (cfg.soft_em_temperature, cfg.soft_em_anneal_updates) == (temperature, anneal)
+        if anneal:  # saved at update 2 = the end of the anneal: T = 1
+            assert float(state["model"]["decoder.soft_em_temperature"]) == 1.0
 
     # the speed benchmarks run end to end (their numbers are measured in the README, never asserted here)
     import re

@@ -58,6 +58,16 @@ def masking_probability(step: int, mask_startup_steps: int) -> float:
     return float(masking.clamp(0.0, 1.0))
 
 
+def annealed_temperature(step: int, start: float, anneal_updates: int) -> float:
+    """Soft EM's E-step temperature at update ``step``, annealed geometrically from ``start`` to the paper's 1:
+
+    T(step) = start ** (1 - min(step / anneal_updates, 1)); constant ``start`` when anneal_updates <= 0.
+    """
+    if anneal_updates <= 0:
+        return float(start)
+    return float(start) ** (1.0 - min(step / anneal_updates, 1.0))
+
+
 def build_bottleneck(args, dim: int) -> nn.Module:
     kind = args.bottleneck
     if kind in ("vq", "em"):
@@ -72,6 +82,7 @@ def build_bottleneck(args, dim: int) -> nn.Module:
             beta=args.commitment_beta,
             num_blocks=args.num_blocks,
             temperature=args.soft_em_temperature,
+            init_std=args.codebook_init_std,
             kmeans_init=args.kmeans_init,
             dead_code_threshold=args.dead_code_threshold,
         )
@@ -109,12 +120,22 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         g.add_argument("--num-samples", type=int, metavar="M", help="soft EM: samples per latent (paper: 10)")
         g.add_argument("--codebook-update", choices=("ema", "grad"),
                        help="ema: EM M-step by moving averages (eq.4-5); grad: codebook loss (eq.3)")
-        g.add_argument("--codebook-decay", type=float, metavar="D", help="codebook EMA decay lambda of eq.4-5 (paper: 0.999; fairseq's own --ema-decay is the model-weight EMA)")
+        g.add_argument("--codebook-decay", type=float, metavar="D",
+                       help="codebook EMA decay lambda of eq.4-5 (paper: 0.999; fairseq's own --ema-decay is the "
+                            "model-weight EMA)")
         g.add_argument("--codebook-epsilon", type=float, metavar="EPS", help="Laplace smoothing of counts (1e-5)")
         g.add_argument("--commitment-beta", type=float, metavar="B", help="commitment loss weight (eq.2; 0.25)")
         g.add_argument("--num-blocks", type=int, metavar="B",
                        help="product quantization: slices of the latent, each with its own codebook")
-        g.add_argument("--soft-em-temperature", type=float, metavar="T", help="soft EM sampling temperature")
+        g.add_argument("--soft-em-temperature", type=float, metavar="T",
+                       help="soft EM: the E-step posterior is softmax(-||z_e - e_j||^2 / T) (paper: 1; with N(0, I) "
+                            "codes of dim 128 it is one-hot at T=1 and spread over hundreds of codes at T=30)")
+        g.add_argument("--soft-em-anneal-updates", type=int, metavar="N",
+                       help="soft EM: anneal the temperature geometrically from --soft-em-temperature to 1 over the "
+                            "first N updates (0 = constant)")
+        g.add_argument("--codebook-init-std", type=float, metavar="S",
+                       help="initial codes e_j ~ N(0, S^2 I); small S puts the codes near the origin, where soft "
+                            "EM's posterior is spread over many codes (tensor2tensor: about 1/sqrt(K))")
         g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
         g.add_argument("--dead-code-threshold", type=float, metavar="C",
                        help="re-seed codes whose EMA count falls below C (0 = off, the paper)")
@@ -226,6 +247,15 @@ class LatentDecoder(FairseqDecoder):
         self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
         self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
         self.bottleneck = build_bottleneck(args, dim)
+        self.anneal_updates = getattr(args, "soft_em_anneal_updates", 0) or 0
+        if self.anneal_updates < 0:
+            raise ValueError(f"--soft-em-anneal-updates must be >= 0, got {self.anneal_updates}")
+        if self.anneal_updates > 0:
+            if args.bottleneck != "em":
+                raise ValueError(f"--soft-em-anneal-updates applies to --bottleneck em only, not {args.bottleneck}")
+            self.start_temperature = float(args.soft_em_temperature)
+            # the current temperature is saved with the model, so that a loaded checkpoint encodes with it
+            self.register_buffer("soft_em_temperature", torch.tensor(self.start_temperature))
         self.num_codes = args.num_codes
         self.num_blocks = args.num_blocks if args.bottleneck in ("vq", "em") else 1
         max_latents = (args.max_target_positions + self.factor - 1) // self.factor
@@ -252,6 +282,9 @@ class LatentDecoder(FairseqDecoder):
     # ---------------------------------------------------------------- schedules
     def set_num_updates(self, num_updates):
         self.num_updates = num_updates
+        if self.anneal_updates > 0:
+            self.soft_em_temperature.fill_(annealed_temperature(num_updates, self.start_temperature,
+                                                                self.anneal_updates))
 
     def masking(self) -> float:
         if not self.training or self.glancing_ratio > 0:
@@ -345,6 +378,8 @@ class LatentDecoder(FairseqDecoder):
         tgt = self.pad_to_multiple(target)
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
+        if self.anneal_updates > 0:
+            self.bottleneck.temperature = float(self.soft_em_temperature)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
         glance = None
         if self.training and self.glancing_ratio > 0:
@@ -494,12 +529,14 @@ def base_architecture(args):
         commitment_beta=0.25,
         num_blocks=1,
         soft_em_temperature=1.0,
+        soft_em_anneal_updates=0,
         dead_code_threshold=0.0,
         mask_startup_steps=50000,
         latent_layers=None,
         latent_input_gradient="flow",
         glancing_ratio=0.0,
     )
+    args.codebook_init_std = getattr(args, "codebook_init_std", 1.0)
     args.kmeans_init = getattr(args, "kmeans_init", False)
     args.ae_attend_source = getattr(args, "ae_attend_source", False)
     args.no_decoder_source_attention = getattr(args, "no_decoder_source_attention", False)

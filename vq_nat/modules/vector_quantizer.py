@@ -40,6 +40,10 @@ class VectorQuantizer(nn.Module):
         num_blocks: product quantization (DVQ, Kaiser et al. 2018): z_e is cut into ``num_blocks`` slices of
             ``dim / num_blocks``, each quantized with its own K-code codebook.
         temperature: soft-EM temperature dividing the logits (1 = the paper).
+        init_std: standard deviation of the initial codes, e_j ~ N(0, init_std^2 I). At 1 (codes on the scale of
+            layer-normalised z_e) the T=1 posterior is nearly one-hot at the start; small codes near the origin
+            (tensor2tensor's uniform-unit-scaling init has std 1/sqrt(K)) give soft EM a posterior spread over
+            many codes, while hard EM's argmin still picks a few.
         kmeans_init: initialise the codebook by k-means on the first training batch (beyond the paper).
         dead_code_threshold: after each EMA update, codes whose EMA count is below this are re-seeded with
             random encoder outputs of the batch and their EMA state reset (beyond the paper; 0 = off).
@@ -57,6 +61,7 @@ class VectorQuantizer(nn.Module):
         beta: float = 0.25,
         num_blocks: int = 1,
         temperature: float = 1.0,
+        init_std: float = 1.0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
@@ -72,6 +77,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError("num_codes and num_samples must be >= 1")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not init_std > 0.0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
         self.num_codes = num_codes
         self.dim = dim
         self.assignment = assignment
@@ -86,10 +93,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
 
-        # e_j ~ N(0, I): codes on the same scale as layer-normalised encoder outputs (unit variance per
-        # coordinate). tensor2tensor's uniform-unit-scaling codes (norm ~1) sit far inside that shell, so the
-        # few codes nearest the origin win every assignment and the rest never get used.
-        init = torch.randn(num_blocks, num_codes, self.block_dim)
+        # e_j ~ N(0, init_std^2 I)
+        init = torch.randn(num_blocks, num_codes, self.block_dim) * init_std
         if update == "grad":
             self.embed = nn.Parameter(init)
         else:
