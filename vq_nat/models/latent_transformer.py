@@ -283,8 +283,14 @@ class LatentDecoder(FairseqDecoder):
     def set_num_updates(self, num_updates):
         self.num_updates = num_updates
         if self.anneal_updates > 0:
-            self.soft_em_temperature.fill_(annealed_temperature(num_updates, self.start_temperature,
-                                                                self.anneal_updates))
+            t = annealed_temperature(num_updates, self.start_temperature, self.anneal_updates)
+            self.soft_em_temperature.fill_(t)
+            self.bottleneck.temperature = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.anneal_updates > 0:  # a loaded checkpoint encodes with the temperature it was saved with
+            self.bottleneck.temperature = float(self.soft_em_temperature)
 
     def masking(self) -> float:
         if not self.training or self.glancing_ratio > 0:
@@ -378,8 +384,6 @@ class LatentDecoder(FairseqDecoder):
         tgt = self.pad_to_multiple(target)
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
-        if self.anneal_updates > 0:
-            self.bottleneck.temperature = float(self.soft_em_temperature)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
         glance = None
         if self.training and self.glancing_ratio > 0:
