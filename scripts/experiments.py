@@ -193,24 +193,32 @@ def execute_levers(combos, args):
             f.write(json.dumps(row) + "\n")
 
 
-def robustness_runs(seeds, reseed=False, codes=512, nc=1, attend_source=False, temperature=1.0, anneal=0):
-    """Figure 3 analog: hard vs soft EM per seed, validated each epoch with greedy BLEU and with the BLEU of
-    teacher-forced decoding from the autoencoder's own latents (``bleu_oracle``, the paper's y-axis). The paper's
-    Figure 3 has K=2^14 and the autoencoder's encoder attending to the source (``attend_source``); ``temperature``
-    is soft EM's E-step temperature (hard EM has none, so its runs are shared across temperatures), annealed
-    geometrically to 1 over the first ``anneal`` updates when ``anneal`` > 0."""
-    runs = [lt_run(b, codes=codes, nc=nc, seed=s, reseed=reseed) for b in ("vq", "em") for s in seeds]
+def robustness_runs(args, reseed=False):
+    """Figure 3 analog: hard vs soft EM per seed (``args.seeds``), validated each epoch with greedy BLEU and with the BLEU of teacher-forced decoding from the
+    autoencoder's own latents (``bleu_oracle``, the paper's y-axis). The paper's Figure 3 has K=2^14
+    (``args.codes``) and the autoencoder's encoder attending to the source (``args.ae_attend_source``);
+    ``args.temperature`` is soft EM's E-step temperature (hard EM has none, so its runs are shared across
+    temperatures), annealed geometrically to 1 over the first ``args.anneal_updates`` updates when > 0;
+    ``args.kmeans_init`` initialises both codebooks by k-means on the first batch; ``args.mask_startup_steps`` is
+    the decoder-input warm-up (gold target embeddings at a decaying share of positions)."""
+    runs = [lt_run(b, codes=args.codes, nc=args.nc, seed=s, reseed=reseed) for b in ("vq", "em") for s in args.seeds]
     for r in runs:
         r.train_args += EVAL_BLEU
-        if temperature != 1.0 and "-em-" in r.name:
-            r.train_args += ["--soft-em-temperature", f"{temperature:g}"]
-            r.name += f"-T{temperature:g}"
-        if anneal > 0 and "-em-" in r.name:
-            r.train_args += ["--soft-em-anneal-updates", str(anneal)]
-            r.name += f"-anneal{anneal}"
-        if attend_source:
+        if args.temperature != 1.0 and "-em-" in r.name:
+            r.train_args += ["--soft-em-temperature", f"{args.temperature:g}"]
+            r.name += f"-T{args.temperature:g}"
+        if args.anneal_updates > 0 and "-em-" in r.name:
+            r.train_args += ["--soft-em-anneal-updates", str(args.anneal_updates)]
+            r.name += f"-anneal{args.anneal_updates}"
+        if args.ae_attend_source:
             r.train_args.append("--ae-attend-source")
             r.name += "-attsrc"
+        if args.kmeans_init:
+            r.train_args.append("--kmeans-init")
+            r.name += "-kmeans"
+        if args.mask_startup_steps != 400:  # later flags override lt_run's 400
+            r.train_args += ["--mask-startup-steps", str(args.mask_startup_steps)]
+            r.name += f"-ms{args.mask_startup_steps}"
         if reseed:  # never the Table-1 runs of the same settings (other budget, log interval)
             r.name += "-fig3"
     return runs
@@ -426,22 +434,23 @@ def report(args):
 
 
 def read_robustness_log(log):
-    """(train points [(update, code_ppl, codes_used)], valid points [(update, bleu, bleu_oracle)]) of a json log."""
+    """(train points [(update, code_ppl, code_info)], valid points [(update, bleu, bleu_oracle)]) of a json log
+    (code_info is NaN in logs written before it was logged)."""
     train_pts, valid_pts = [], {}
     for line in open(log):
         if not line.startswith('{"'):  # fairseq's json log lines (the file also holds the config dump)
             continue
         d = json.loads(line)
         if "code_ppl" in d and "num_updates" in d:  # train_inner (epoch/valid stats have prefixed keys)
-            train_pts.append((int(d["num_updates"]), float(d["code_ppl"]), float(d["codes_used"])))
+            train_pts.append((int(d["num_updates"]), float(d["code_ppl"]), float(d.get("code_info", "nan"))))
         if "valid_bleu_oracle" in d and "valid_num_updates" in d:
             valid_pts[int(d["valid_num_updates"])] = (float(d["valid_bleu"]), float(d["valid_bleu_oracle"]))
     return train_pts, [(u, b, o) for u, (b, o) in sorted(valid_pts.items())]
 
 
 def plot_robustness(args, reseed=False):
-    """Figure 3 analog: teacher-forced valid BLEU (decoding from the reference's own latents), greedy valid BLEU
-    and code perplexity over updates, hard vs soft EM, each seed."""
+    """Figure 3 analog: teacher-forced valid BLEU (decoding from the reference's own latents), greedy valid BLEU,
+    code perplexity and the information a latent carries (``code_info``) over updates, hard vs soft EM, each seed."""
     import logging
 
     import matplotlib
@@ -450,11 +459,10 @@ def plot_robustness(args, reseed=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     temps = f"{args.temperature:g}" + (f" to 1 in {args.anneal_updates}" if args.anneal_updates > 0 else "")
     summary = []
-    for run in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source, args.temperature,
-                               args.anneal_updates):
+    for run in robustness_runs(args, reseed):
         log = os.path.join(args.work, run.name, "train.log")
         if not os.path.exists(log):
             continue
@@ -468,9 +476,10 @@ def plot_robustness(args, reseed=False):
             axes[1].plot([u for u, _, _ in valid_pts], [b for _, b, _ in valid_pts], marker="o", **style)
         if train_pts:
             axes[2].plot([u for u, _, _ in train_pts], [p for _, p, _ in train_pts], **style)
+            axes[3].plot([u for u, _, _ in train_pts], [i for _, _, i in train_pts], **style)
             last_valid = valid_pts[-1] if valid_pts else (None, float("nan"), float("nan"))
             summary.append((run.name, train_pts[-1][0], last_valid[2], last_valid[1], train_pts[-1][1],
-                            max(p for _, p, _ in train_pts)))
+                            max(p for _, p, _ in train_pts), train_pts[-1][2]))
     if not summary:
         sys.exit("experiments.py: no robustness runs found under " + args.work)
     variant = "dead-code re-seeding 0.1" if reseed else "no re-seeding"
@@ -479,22 +488,28 @@ def plot_robustness(args, reseed=False):
     axes[1].set(xlabel="update", ylabel="valid BLEU, predicted latents", title="greedy BLEU")
     axes[2].set(xlabel="update", ylabel="code perplexity", yscale="log",
                 title=f"code perplexity (of K={args.codes})")
+    axes[3].set(xlabel="update", ylabel="nats", title="information per latent: H(mean posterior) - H(posterior)")
     axes[0].legend(fontsize=7)
     attends = ", autoencoder attends the source" if args.ae_attend_source else ""
-    fig.suptitle(f"K={args.codes}, nc={args.nc}{attends}, EMA decay 0.99, {variant}")
+    init = ", k-means codebook init" if args.kmeans_init else ""
+    fig.suptitle(f"K={args.codes}, nc={args.nc}{attends}{init}, decoder warm-up {args.mask_startup_steps} updates, "
+                 f"EMA decay 0.99, {variant}")
     fig.tight_layout()
     png = os.path.join(args.work, "robustness-reseed.png" if reseed else "robustness.png")
-    setting = (args.codes, args.nc, args.ae_attend_source, args.temperature, args.anneal_updates)
-    if setting != (512, 1, False, 1.0, 0):
+    setting = (args.codes, args.nc, args.ae_attend_source, args.temperature, args.anneal_updates, args.kmeans_init,
+               args.mask_startup_steps)
+    if setting != (512, 1, False, 1.0, 0, False, 400):
         png = png.replace(".png", f"-K{args.codes}-nc{args.nc}{'-attsrc' if args.ae_attend_source else ''}"
                                   f"{'-T%g' % args.temperature if args.temperature != 1.0 else ''}"
-                                  f"{'-anneal%d' % args.anneal_updates if args.anneal_updates > 0 else ''}.png")
+                                  f"{'-anneal%d' % args.anneal_updates if args.anneal_updates > 0 else ''}"
+                                  f"{'-kmeans' if args.kmeans_init else ''}"
+                                  f"{'-ms%d' % args.mask_startup_steps if args.mask_startup_steps != 400 else ''}.png")
     fig.savefig(png, dpi=120)
     print(f"experiments.py: wrote {png}")
     print("| run | last update | teacher-forced BLEU (last valid) | BLEU (last valid) | code ppl (last) "
-          "| max code ppl |\n|---|---|---|---|---|---|")
-    for name, x, o, b, p, mx in summary:
-        print(f"| {name} | {x} | {o:.2f} | {b:.2f} | {p:.1f} | {mx:.1f} |")
+          "| max code ppl | code_info (last, nats) |\n|---|---|---|---|---|---|---|")
+    for name, x, o, b, p, mx, info in summary:
+        print(f"| {name} | {x} | {o:.2f} | {b:.2f} | {p:.1f} | {mx:.1f} | {info:.3f} |")
 
 
 def main(argv=None):
@@ -508,7 +523,8 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--subset", default="test", help="split to decode and score")
-    p.add_argument("--only", nargs="*", help="table1, curve: run names; ablations: keys such as K1024 m1 nc4")
+    p.add_argument("--only", nargs="*", help="table1, curve: run names; ablations: keys such as K1024 m1 nc4; "
+                                             "levers: lever combinations; robustness: the bottlenecks vq and/or em")
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     p.add_argument("--seed", type=int, default=1, help="levers: the seed of the runs")
     p.add_argument("--no-decode", action="store_true", help="train only")
@@ -525,14 +541,18 @@ def main(argv=None):
     p.add_argument("--anneal-updates", type=int, default=0,
                    help="robustness: anneal soft EM's temperature to 1 over the first N updates "
                         "(--soft-em-anneal-updates; 0 = constant)")
+    p.add_argument("--mask-startup-steps", type=int, default=400,
+                   help="robustness: the decoder-input warm-up of both bottlenecks (--mask-startup-steps; 0 = none: "
+                        "the decoder reads the latents from the first update)")
+    p.add_argument("--kmeans-init", action="store_true",
+                   help="robustness: k-means codebook init on the first batch (--kmeans-init), both bottlenecks")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     if args.what == "report":
         report(args)
         for reseed in (False, True):
             if any(os.path.exists(os.path.join(args.work, r.name, "train.log"))
-                   for r in robustness_runs(args.seeds, reseed, args.codes, args.nc, args.ae_attend_source,
-                                            args.temperature, args.anneal_updates)):
+                   for r in robustness_runs(args, reseed)):
                 plot_robustness(args, reseed)
         return
     if not args.data or not args.raw:
@@ -559,9 +579,11 @@ def main(argv=None):
         execute(ablation_runs(args.only), args, "ablations")
     else:
         args.no_decode = True
-        execute(robustness_runs(args.seeds, args.reseed, args.codes, args.nc, args.ae_attend_source,
-                                args.temperature, args.anneal_updates), args,
-                "robustness")
+        if args.only and not set(args.only) <= {"vq", "em"}:
+            sys.exit("experiments.py: robustness --only takes the bottlenecks vq and/or em")
+        runs = [r for r in robustness_runs(args, args.reseed) if not args.only
+                or r.name.split("-")[1] in args.only]  # lt-<bottleneck>-...
+        execute(runs, args, "robustness")
         plot_robustness(args, args.reseed)
 
 

@@ -38,6 +38,50 @@ def test_posterior_entropy_equals_numpy_and_ignores_padding(assignment):
     assert 0.0 < out.posterior_entropy.item() < math.log(7)
 
 
+def numpy_information(z, codebook, temperature):
+    """I(row; code) = H(mean_i q_i) - mean_i H(q_i) for q_i = softmax(-||z_i - e_j||^2 / T), in nats."""
+    d = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
+    logits = -d / temperature
+    logits -= logits.max(-1, keepdims=True)
+    q = np.exp(logits)
+    q /= q.sum(-1, keepdims=True)
+    p = q.mean(0)
+    return -(p * np.log(np.clip(p, 1e-300, None))).sum() - numpy_posterior_entropy(z, codebook, temperature).mean()
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_information_equals_numpy_over_the_real_positions_and_blocks(blocks, monkeypatch):
+    import vq_nat.modules.vector_quantizer as vqm
+
+    monkeypatch.setattr(vqm, "_CHUNK_SCORES", 7 * 3)  # 3 rows per chunk: the sum crosses chunk boundaries
+    torch.manual_seed(2)
+    vq = VectorQuantizer(num_codes=7, dim=4, assignment="soft", num_samples=5, temperature=2.0,
+                         num_blocks=blocks).eval()
+    z = torch.randn(2, 5, 4) * 0.8
+    pad = torch.tensor([[False] * 5, [False, False, True, True, True]])
+    real = (~pad).reshape(-1).numpy()
+    x = z.reshape(-1, blocks, 4 // blocks).double().numpy()[real]
+    cb = vq.embed.double().numpy()
+    want = np.mean([numpy_information(x[:, j], cb[j], 2.0) for j in range(blocks)])
+    got = vq(z, padding_mask=pad).information.item()
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert 0.0 < got < math.log(7)
+
+
+def test_information_is_log_perplexity_when_one_hot_and_zero_when_every_posterior_is_the_same():
+    torch.manual_seed(3)
+    z = torch.randn(200, 8)
+    hard = VectorQuantizer(num_codes=16, dim=8, assignment="hard", temperature=1e-4).eval()
+    out = hard(z)
+    assert out.information.item() == pytest.approx(math.log(out.perplexity.item()), rel=1e-4)
+    # all codes at one point: the posterior is uniform at every position, however many codes the samples hit
+    same = VectorQuantizer(num_codes=16, dim=8, assignment="soft", num_samples=10).eval()
+    same.embed.zero_()
+    out = same(z)
+    assert out.perplexity.item() > 10.0
+    assert abs(out.information.item()) < 1e-5
+
+
 def test_posterior_entropy_rises_with_temperature_and_vanishes_as_it_goes_to_zero():
     torch.manual_seed(1)
     z = torch.randn(64, 8)
@@ -66,6 +110,8 @@ def test_criterion_logs_posterior_entropy_and_distinct_sample_codes(tmp_path):
     # at an enormous temperature the posterior is uniform: entropy log K, the 6 samples nearly all distinct
     assert log["post_ent"] / log["nreal_latents"] == pytest.approx(math.log(q.num_codes), rel=1e-3)
     assert 4.0 < log["sample_codes"] / log["nreal_latents"] <= 6.0
+    # a uniform posterior at every latent tells nothing about which latent it is
+    assert abs(float(log["code_info"])) < 1e-3
 
 
 def test_teacher_forced_decoding_equals_decoding_the_reference_codes(tmp_path):
@@ -209,7 +255,7 @@ def test_validation_logs_oracle_bleu_and_posterior_entropy(tmp_path, caplog):
                        "--eval-bleu-args", '{"max_len_b": 30}'])
     valid = [r.getMessage() for r in caplog.records if "valid on" in r.getMessage()]
     assert valid, caplog.text[-2000:]
-    for key in ("bleu_oracle", "bleu", "post_ent", "sample_codes", "lp_acc"):
+    for key in ("bleu_oracle", "bleu", "post_ent", "code_info", "sample_codes", "lp_acc"):
         assert f"| {key} " in valid[-1], (key, valid[-1])
 
 

@@ -1,4 +1,5 @@
 """The shell scripts end to end on tiny data: prepare-data.sh -> train-teacher.sh -> distill.sh, and their errors."""
+import math
 import os
 import shutil
 import subprocess
@@ -151,6 +152,8 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert os.path.getsize(os.path.join(work, "robustness.png")) > 0
     assert "| lt-vq-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
     assert "| lt-em-raw-K512-m10-nc1-s1-noreseed | 3 |" in p.stdout
+    for row in (line for line in p.stdout.splitlines() if line.startswith("| lt-")):  # code_info, last column
+        assert 0.0 <= float(row.strip(" |").split(" | ")[-1]) <= math.log(512) + 1e-3, row
     import torch
 
     # the paper's Figure 3 setting: other K and nc, the autoencoder attending to the source, a soft-EM temperature
@@ -168,6 +171,21 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
         assert (cfg.soft_em_temperature, cfg.soft_em_anneal_updates) == (temperature, anneal)
         if anneal:  # saved with the temperature of the last training step (update_num 1 of 2): 30 ** (1 - 1/2)
             assert float(state["model"]["decoder.soft_em_temperature"]) == pytest.approx(30.0 ** 0.5)
+
+    # k-means codebook init without the decoder warm-up, one bottleneck only: only its run is trained
+    p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,
+           "--seeds", "1", "--max-update", "2", "--max-tokens", "500", "--log-interval", "1",
+           "--kmeans-init", "--mask-startup-steps", "0", "--only", "em")
+    assert os.path.getsize(os.path.join(work, "robustness-K512-nc1-kmeans-ms0.png")) > 0
+    name = "lt-em-raw-K512-m10-nc1-s1-noreseed-kmeans-ms0"
+    assert f"| {name} | 2 |" in p.stdout
+    assert not os.path.exists(os.path.join(work, name.replace("-em-", "-vq-")))
+    state = torch.load(os.path.join(work, name, "checkpoint_last.pt"), map_location="cpu", weights_only=False)
+    assert state["cfg"]["model"].kmeans_init and state["cfg"]["model"].mask_startup_steps == 0
+    assert bool(state["model"]["decoder.bottleneck.initialized"])
+    p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,
+           "--only", "em", "gumbel", check=False)
+    assert p.returncode != 0 and "vq and/or em" in p.stderr
 
     # the speed benchmarks run end to end (their numbers are measured in the README, never asserted here)
     import re

@@ -7,7 +7,8 @@ each term a mean (per target token, per latent scalar, per latent position, per 
 "training", "extra" and "latent_pred" losses; g(t) is the latent-loss gate (0 until ``--latent-loss-start``).
 The returned loss is that mean times ``sample_size`` (= target tokens), fairseq's convention. Every term is
 logged through fairseq's metrics (cross-entropies in base 2), with the code perplexity ``code_ppl``, the fraction of codes
-used ``codes_used``, the E-step posterior's entropy ``post_ent`` (nats; VQ bottlenecks) and, for soft EM, the
+used ``codes_used``, the E-step posterior's entropy ``post_ent`` (nats; VQ bottlenecks), the information a latent
+carries about its position ``code_info`` (nats, H(batch mean posterior) - post_ent; VQ bottlenecks) and, for soft EM, the
 number of distinct codes among each latent's m samples ``sample_codes`` (1.0: soft EM behaves as hard EM).
 """
 import math
@@ -94,6 +95,8 @@ class LatentVQCriterion(FairseqCriterion):
         latent_real = ~out["latent_padding_mask"]
         if q.posterior_entropy is not None:
             logging_output["post_ent"] = q.posterior_entropy.data * latent_real.sum()
+        if q.information is not None:  # a batch statistic, averaged over batches as code_ppl
+            logging_output["code_info"] = q.information.data
         if getattr(model.decoder.bottleneck, "assignment", None) == "soft":
             # distinct codes among each latent's m soft-EM samples (1 = the samples are all one code: hard EM)
             distinct = distinct_samples(q.codes)
@@ -149,6 +152,8 @@ class LatentVQCriterion(FairseqCriterion):
         nreal = total("nreal_latents")
         if any("post_ent" in log for log in logging_outputs):
             metrics.log_scalar("post_ent", total("post_ent") / max(nreal, 1), nreal, round=3)
+        if any("code_info" in log for log in logging_outputs):
+            metrics.log_scalar("code_info", total("code_info") / nbatches, nbatches, round=3)
         if any("sample_codes" in log for log in logging_outputs):
             metrics.log_scalar("sample_codes", total("sample_codes") / max(nreal, 1), nreal, round=2)
         metrics.log_scalar("masking", total("masking") / nbatches, nbatches, round=3)

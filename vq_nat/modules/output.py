@@ -22,17 +22,22 @@ class QuantizerOutput:
     posterior_entropy: scalar or None, mean entropy (nats) of the E-step posterior q(code | z_e) over the
                 non-padding positions (VQ bottlenecks: softmax(-||z_e - e_j||^2 / T); 0 when it is one-hot,
                 where soft EM draws the same code m times and is hard EM). Not part of the tuple unpacking.
+    information: scalar or None, I(position; code) in nats over the non-padding positions of this batch:
+                H(mean posterior) - mean H(posterior) (VQ bottlenecks; averaged over blocks). log(perplexity)
+                when the posterior is one-hot; near 0 when every position has the same posterior, however
+                many codes that spreads over (collapse that code perplexity does not show).
 
     Unpacks like a tuple in this order: ``quantized, codes, targets, loss, perplexity, codes_used = out``.
     """
 
     _fields = ("quantized", "codes", "targets", "loss", "perplexity", "codes_used")
-    __slots__ = ("quantized", "codes", "_targets", "loss", "perplexity", "codes_used", "posterior_entropy")
+    __slots__ = ("quantized", "codes", "_targets", "loss", "perplexity", "codes_used", "posterior_entropy",
+                 "information")
 
     def __init__(self, quantized: torch.Tensor, codes: torch.Tensor,
                  targets: Union[torch.Tensor, Callable[[], torch.Tensor]], loss: torch.Tensor,
                  perplexity: torch.Tensor, codes_used: torch.Tensor,
-                 posterior_entropy: Optional[torch.Tensor] = None):
+                 posterior_entropy: Optional[torch.Tensor] = None, information: Optional[torch.Tensor] = None):
         self.quantized = quantized
         self.codes = codes
         self._targets = targets
@@ -40,6 +45,7 @@ class QuantizerOutput:
         self.perplexity = perplexity
         self.codes_used = codes_used
         self.posterior_entropy = posterior_entropy
+        self.information = information
 
     @property
     def targets(self) -> torch.Tensor:

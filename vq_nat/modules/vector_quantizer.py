@@ -123,7 +123,7 @@ class VectorQuantizer(nn.Module):
     def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
         """eq.1 without sampling or any update: argmin_j ||z_e - e_j||, (...) long (or (..., num_blocks))."""
         x = z_e.reshape(-1, self.num_blocks, self.block_dim).float()
-        codes = self._e_step(x, sample=False)[0][..., 0]  # (N, B)
+        codes = self._e_step(x, sample=False, weight=None)[0][..., 0]  # (N, B)
         return codes.reshape(*z_e.shape[:-1], self.num_blocks) if self.num_blocks > 1 else codes.reshape(z_e.shape[:-1])
 
     # ------------------------------------------------------------------ forward
@@ -156,7 +156,7 @@ class VectorQuantizer(nn.Module):
                 xf = xf.masked_fill(~valid.view(-1, 1, 1), 0.0)
             if self.training and not bool(self.initialized):
                 self._kmeans_init(xf if valid is None else xf[valid])
-            samples, entropy = self._e_step(xf, sample=self.assignment == "soft")  # (N, B, m); m = 1 for hard EM
+            samples, entropy, posterior_sum = self._e_step(xf, sample=self.assignment == "soft", weight=weight)
             m = samples.size(-1)
             counts, flat, w = self._sample_counts(samples, weight)  # (B*K,) this rank's (averaged) counts
             if self.training and self.update == "ema":
@@ -189,7 +189,12 @@ class VectorQuantizer(nn.Module):
         perplexity = code_perplexity(usage).mean()  # of each block's histogram, averaged
         codes_used = (usage > 0).float().mean()
         # mean E-step posterior entropy over the real positions (and blocks): 0 = one-hot, log K = uniform
-        posterior_entropy = (entropy.mean(-1) * weight).sum() / weight.sum().clamp(min=1.0)
+        n_real = weight.sum().clamp(min=1.0)
+        posterior_entropy = (entropy.mean(-1) * weight).sum() / n_real
+        # I(x; j) = H(mean_i q(j | z_e_i)) - mean_i H(q(j | z_e_i)), over the batch's real positions (per block,
+        # averaged): the information a code carries about its position; log(code ppl) when q is one-hot
+        p = posterior_sum / n_real
+        information = -(p * p.clamp(min=1e-12).log()).sum(-1).mean() - posterior_entropy
 
         codes_out = samples.reshape(*lead, b, m)
         if self.assignment == "hard":
@@ -205,12 +210,13 @@ class VectorQuantizer(nn.Module):
             return t.squeeze(-2) if b == 1 else t
 
         return QuantizerOutput(quantized, codes_out, targets, loss, perplexity, codes_used,
-                               posterior_entropy=posterior_entropy)
+                               posterior_entropy=posterior_entropy, information=information)
 
     # ------------------------------------------------------------------ internals
-    def _e_step(self, x: torch.Tensor, sample: bool):
-        """Codes of (N, B, d) fp32 inputs, (N, B, m): eq.1 (``sample=False``, m = 1) or soft EM's m draws; and the
-        entropy (nats) of each position's E-step posterior q(j | z_e) = softmax_j(-||z_e - e_j||^2 / T), (N, B).
+    def _e_step(self, x: torch.Tensor, sample: bool, weight: Optional[torch.Tensor]):
+        """Codes of (N, B, d) fp32 inputs, (N, B, m): eq.1 (``sample=False``, m = 1) or soft EM's m draws; the
+        entropy (nats) of each position's E-step posterior q(j | z_e) = softmax_j(-||z_e - e_j||^2 / T), (N, B);
+        and sum_i w_i q(j | z_e_i), (B, K), with the position weights ``weight`` (N,) (None: not computed).
 
         Block by block, in chunks of rows whose (rows x K) score matrix stays near 32 MB: the scores of a chunk
         are reduced (argmax / exp + multinomial / entropy) while they are still in cache, and the N x K matrix is
@@ -221,6 +227,7 @@ class VectorQuantizer(nn.Module):
         m = self.num_samples if sample else 1
         out = torch.empty(n, b, m, dtype=torch.long, device=x.device)
         entropy = torch.empty(n, b, device=x.device)
+        posterior_sum = None if weight is None else torch.zeros(b, k, device=x.device)
         rows = max(1, _CHUNK_SCORES // k)
         codebook = self.embed.detach().float()
         scale = 2.0 / self.temperature
@@ -239,13 +246,15 @@ class VectorQuantizer(nn.Module):
                 # H(q) = log Z - sum_j w_j l_j / Z, with w_j = exp(l_j), Z = sum_j w_j
                 total = weights.sum(-1)
                 entropy[i : i + rows, j] = total.log() - (weights * shifted).sum(-1) / total
+                if weight is not None:  # sum_i w_i q_ij = (w_i / Z_i) . weights_ij, one GEMV
+                    posterior_sum[j] += torch.mv(weights.t(), weight[i : i + rows] / total)
                 if not sample:
                     # eq.1: z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j|| = argmax_j s_ij
                     out[i : i + rows, j, 0] = shifted.argmax(-1)
                 else:
                     # soft EM E-step (section 3.2): m draws with replacement from q(j | z_e)
                     out[i : i + rows, j] = torch.multinomial(weights, m, replacement=True)
-        return out, entropy
+        return out, entropy, posterior_sum
 
     @staticmethod
     def _distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
