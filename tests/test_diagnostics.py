@@ -14,14 +14,22 @@ from vq_nat.latent_generator import LatentGenerator
 from vq_nat.modules import VectorQuantizer
 
 
-def numpy_posterior_entropy(z, codebook, temperature):
-    """Mean over rows of H(softmax(-||z - e_j||^2 / T)) in nats."""
+def numpy_posterior(z, codebook, temperature):
+    """q(j | z_i) = softmax_j(-||z_i - e_j||^2 / T), (rows, K)."""
     d = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
     logits = -d / temperature
     logits -= logits.max(-1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(-1, keepdims=True)
+    q = np.exp(logits)
+    return q / q.sum(-1, keepdims=True)
+
+
+def numpy_entropy(p):
     return -(p * np.log(np.clip(p, 1e-300, None))).sum(-1)
+
+
+def numpy_posterior_entropy(z, codebook, temperature):
+    """H(q(. | z_i)) in nats, per row."""
+    return numpy_entropy(numpy_posterior(z, codebook, temperature))
 
 
 @pytest.mark.parametrize("assignment", ["hard", "soft"])
@@ -39,14 +47,9 @@ def test_posterior_entropy_equals_numpy_and_ignores_padding(assignment):
 
 
 def numpy_information(z, codebook, temperature):
-    """I(row; code) = H(mean_i q_i) - mean_i H(q_i) for q_i = softmax(-||z_i - e_j||^2 / T), in nats."""
-    d = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
-    logits = -d / temperature
-    logits -= logits.max(-1, keepdims=True)
-    q = np.exp(logits)
-    q /= q.sum(-1, keepdims=True)
-    p = q.mean(0)
-    return -(p * np.log(np.clip(p, 1e-300, None))).sum() - numpy_posterior_entropy(z, codebook, temperature).mean()
+    """I(row; code) = H(mean_i q_i) - mean_i H(q_i) for q_i = q(. | z_i), in nats."""
+    q = numpy_posterior(z, codebook, temperature)
+    return numpy_entropy(q.mean(0)) - numpy_entropy(q).mean()
 
 
 @pytest.mark.parametrize("blocks", [1, 2])
