@@ -488,7 +488,7 @@ def plot_robustness(args, reseed=False):
     axes[1].set(xlabel="update", ylabel="valid BLEU, predicted latents", title="greedy BLEU")
     axes[2].set(xlabel="update", ylabel="code perplexity", yscale="log",
                 title=f"code perplexity (of K={args.codes})")
-    axes[3].set(xlabel="update", ylabel="nats", title="information per latent: H(mean posterior) - H(posterior)")
+    axes[3].set(xlabel="update", ylabel="nats", title="information per latent (code_info)")
     axes[0].legend(fontsize=7)
     attends = ", autoencoder attends the source" if args.ae_attend_source else ""
     init = ", k-means codebook init" if args.kmeans_init else ""

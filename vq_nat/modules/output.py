@@ -23,9 +23,10 @@ class QuantizerOutput:
                 non-padding positions (VQ bottlenecks: softmax(-||z_e - e_j||^2 / T); 0 when it is one-hot,
                 where soft EM draws the same code m times and is hard EM). Not part of the tuple unpacking.
     information: scalar or None, I(position; code) in nats over the non-padding positions of this batch:
-                H(mean posterior) - mean H(posterior) (VQ bottlenecks; averaged over blocks). log(perplexity)
-                when the posterior is one-hot; near 0 when every position has the same posterior, however
-                many codes that spreads over (collapse that code perplexity does not show).
+                H(mean posterior) - mean H(posterior) (VQ bottlenecks, of the same posterior as
+                posterior_entropy, also for hard EM; averaged over blocks). log(perplexity) when the posterior
+                is one-hot; near 0 when every position has the same posterior, however many codes that spreads
+                over (collapse that code perplexity does not show).
 
     Unpacks like a tuple in this order: ``quantized, codes, targets, loss, perplexity, codes_used = out``.
     """
