@@ -194,8 +194,8 @@ def execute_levers(combos, args):
 
 
 def robustness_runs(args, reseed=False):
-    """Figure 3 analog: hard vs soft EM per seed (``args.seeds``), validated each epoch with greedy BLEU and with the BLEU of teacher-forced decoding from the
-    autoencoder's own latents (``bleu_oracle``, the paper's y-axis). The paper's Figure 3 has K=2^14
+    """Figure 3 analog: hard vs soft EM per seed (``args.seeds``), validated each epoch with greedy BLEU and with
+    the BLEU of teacher-forced decoding from the autoencoder's own latents (``bleu_oracle``, the paper's y-axis). The paper's Figure 3 has K=2^14
     (``args.codes``) and the autoencoder's encoder attending to the source (``args.ae_attend_source``);
     ``args.temperature`` is soft EM's E-step temperature (hard EM has none, so its runs are shared across
     temperatures), annealed geometrically to 1 over the first ``args.anneal_updates`` updates when > 0;
