@@ -147,6 +147,8 @@ LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (the preset:
     "ls": ["--label-smoothing", "0.1"],
     "T10": ["--soft-em-temperature", "10"],
     "vq": ["--bottleneck", "vq"],
+    # codebook from k-means on the first batch instead of N(0, I), and no dead-code re-seeding
+    "kmeans": ["--kmeans-init", "--dead-code-threshold", "0"],
     "lp2": ["--latent-layers", "2"],  # the preset's latent predictor before the lever study: better, but slower
     "lp4": ["--latent-layers", "4"],
     "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only

@@ -228,6 +228,30 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
 
 
+def test_experiments_levers_trains_a_combo_and_diagnoses_it(prepared):
+    """``levers --only vq+kmeans``: the preset with both factors changed, trained and diagnosed on valid."""
+    import json
+
+    import torch
+
+    root, raw, out = prepared
+    data_bin, work = os.path.join(out, "bin"), str(root / "levers")
+    common = ["scripts/experiments.py", "levers", "--data", data_bin, "--raw", raw, "--work", work,
+              "--subset", "valid", "--max-update", "2", "--max-tokens", "500", "--log-interval", "1"]
+    py(*common, "--only", "vq+kmeans")
+    name = "lever-vq+kmeans-raw-s1"
+    cfg = torch.load(os.path.join(work, name, "checkpoint_last.pt"), map_location="cpu",
+                     weights_only=False)["cfg"]["model"]
+    # the later flag wins: the preset re-seeds at 0.1, the kmeans lever turns it off
+    assert (cfg.bottleneck, cfg.kmeans_init, cfg.dead_code_threshold) == ("vq", True, 0.0)
+    (row,) = [json.loads(line) for line in open(os.path.join(work, "results.jsonl"))]
+    assert (row["label"], row["run"], row["updates"], row["sentences"]) == ("vq+kmeans", name, 2, 8)
+    assert 0.0 <= row["bleu"] <= 100.0 and 0.0 <= row["bleu_oracle"] <= 100.0
+    assert 1 <= row["codes_ae"] <= 512 and row["sample_codes"] is None  # hard EM draws no samples
+    p = py(*common, "--only", "vq+nosuch", check=False)
+    assert p.returncode != 0 and "unknown lever(s) ['nosuch']" in p.stderr
+
+
 def test_experiments_curve_scores_each_kept_checkpoint_of_a_translation_lev_run(prepared):
     """fairseq's NAT validates without BLEU; ``curve`` decodes its checkpoints into valid_bleu.log points that
     plot_curves.py draws beside train.log."""
