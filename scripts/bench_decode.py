@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Decoding speed, side by side: the Latent Transformer against an autoregressive fairseq transformer.
 
-    python scripts/bench_decode.py DATA_BIN --lt-path LT.pt --ar-path AR.pt [--gen-subset test] [--repeats 3]
-        [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--lt-npd 4] [--threads N] [--cpu]
+    python scripts/bench_decode.py DATA_BIN --lt-path LT.pt [LT2.pt ...] --ar-path AR.pt [AR_6+1.pt ...]
+        [--gen-subset test] [--repeats 3] [--batch-sizes 1 64] [--max-sentences 200] [--ar-beams 1 4] [--lt-npd 4]
+        [--threads N] [--cpu]
 
 Decodes the same sentences with every model (LT; AR greedy; AR beam 4), interleaved (A B C, B C A, C A B, ...:
 each model decodes all its batches, warm, as when decoding a test set; the first model rotates from round to
@@ -15,8 +16,13 @@ times include the encoder, all decoding steps and the hypothesis post-processing
 (not data loading). Use the same machine and thread count for both, as here. Each line also gives the output tokens per sentence (EOS included) and, for the LT,
 the decoded span (latents x 2^nc: the positions it projects onto the vocabulary unless the length budget cuts
 it), against one position per output token for an autoregressive model. ``--lt-npd K`` adds the LT with noisy
-parallel decoding (K latent candidates, rescored by the AR model of ``--ar-path``, as ``fairseq-generate
+parallel decoding (K latent candidates, rescored by the first AR model of ``--ar-path``, as ``fairseq-generate
 --npd-candidates K --npd-teacher``) to the rounds, with AR greedy's time over its own.
+
+Several ``--lt-path`` (e.g. an autoregressive- and a parallel-predictor LT) and several ``--ar-path`` (e.g. the 3+3
+teacher and the 6-encoder / 1-decoder AR) are timed in the same rounds; each model is named by its kind and
+layers (``LT par 3+3``, ``AR 6+1 greedy``), and every ratio is against the first LT of the same round. The last
+line's speedup is the first AR's greedy time over the first LT's.
 """
 import argparse
 import statistics
@@ -88,11 +94,20 @@ def time_round(runners, data, device, first: int = 0, stats=None):
     return seconds
 
 
+def unique(names, name: str) -> str:
+    """``name``, or ``name #2``, ``#3``, ... where a model of the same kind and size is already named so."""
+    out, i = name, 2
+    while out in names:
+        out, i = f"{name} #{i}", i + 1
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data")
-    p.add_argument("--lt-path", required=True)
-    p.add_argument("--ar-path", required=True)
+    p.add_argument("--lt-path", required=True, nargs="+", help="latent_transformer checkpoint(s)")
+    p.add_argument("--ar-path", required=True, nargs="+",
+                   help="autoregressive checkpoint(s); the first rescores --lt-npd and gives the speedup line")
     p.add_argument("--gen-subset", default="test")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
@@ -115,24 +130,36 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    lt_models, _, lt_task = load(args.lt_path, args.data)
-    ar_models, _, ar_task = load(args.ar_path, args.data)
-    for m in lt_models + ar_models:
-        m.to(device)
-    for t in (lt_task, ar_task):
-        t.load_dataset(args.gen_subset)
+    lts = [load(path, args.data) for path in args.lt_path]
+    ars = [load(path, args.data) for path in args.ar_path]
+    for models, _, task in lts + ars:
+        models[0].to(device)
+        task.load_dataset(args.gen_subset)
     gen_args = argparse.Namespace(max_len_a=args.max_len_a, max_len_b=args.max_len_b)
-    runners = {"LT": (lt_task, lt_task.build_generator(lt_models, gen_args), lt_models)}
     from vq_nat.latent_generator import LatentGenerator
 
+    runners = {}
+    for models, cfg, task in lts:
+        m = cfg.model
+        kind = "par" if getattr(m, "latent_predictor", "autoregressive") == "parallel" else "ar-pred"
+        name = unique(runners, "LT" if len(lts) == 1 else f"LT {kind} {m.encoder_layers}+{m.decoder_layers}")
+        runners[name] = (task, task.build_generator(models, gen_args), models)
+    lt_name = next(iter(runners))
+    lt_models, _, lt_task = lts[0]
     for k in args.lt_npd:
         gen = LatentGenerator(lt_task.target_dictionary, args.max_len_a, args.max_len_b, npd_candidates=k,
-                              npd_teacher=ar_models[0])
+                              npd_teacher=ars[0][0][0])
         runners[f"LT NPD{k}"] = (lt_task, gen, lt_models)
-    for beam in args.ar_beams:
-        gen = SequenceGenerator(ar_models, ar_task.target_dictionary, beam_size=beam,
-                                max_len_a=args.max_len_a, max_len_b=args.max_len_b)
-        runners[f"AR beam{beam}" if beam > 1 else "AR greedy"] = (ar_task, gen, ar_models)
+    greedy = []
+    for i, (models, cfg, task) in enumerate(ars):
+        what = "AR" if len(ars) == 1 else f"AR {cfg.model.encoder_layers}+{cfg.model.decoder_layers}"
+        for beam in args.ar_beams:
+            gen = SequenceGenerator(models, task.target_dictionary, beam_size=beam,
+                                    max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+            name = unique(runners, f"{what} beam{beam}" if beam > 1 else f"{what} greedy")
+            runners[name] = (task, gen, models)
+            if beam == 1:
+                greedy.append(name)
 
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"subset={args.gen_subset} repeats={args.repeats} (+1 warm-up)")
@@ -150,24 +177,24 @@ def main(argv=None):
         for name, ts in times.items():
             n = data[name][1]
             span = f", {stats[name]['span'] / n:.1f} span positions" if "span" in stats[name] else ""
-            print(f"batch {bs:3d}  {name:10s} {statistics.median(ts):8.2f} ms/sentence  (min {min(ts):.2f}, "
+            print(f"batch {bs:3d}  {name:16s} {statistics.median(ts):8.2f} ms/sentence  (min {min(ts):.2f}, "
                   f"max {max(ts):.2f}, {n} sentences x {len(ts)} rounds; {stats[name]['tokens'] / n:.1f} output "
                   f"tokens{span} per sentence)")
-            ratios[(name, bs)] = [t / lt for t, lt in zip(ts, times["LT"])]
+            ratios[(name, bs)] = [t / lt for t, lt in zip(ts, times[lt_name])]
     # the ratio of each round pairs the models under the same machine state: its median is the figure reported
     for bs in args.batch_sizes:
         for name in runners:
-            if name != "LT":
+            if name != lt_name:
                 rs = ratios[(name, bs)]
-                print(f"ratio batch{bs}: {name} / LT = {statistics.median(rs):.2f} (median of {len(rs)} rounds; "
+                print(f"ratio batch{bs}: {name} / {lt_name} = {statistics.median(rs):.2f} (median of {len(rs)} rounds; "
                       f"min {min(rs):.2f}, max {max(rs):.2f})")
         for name in runners:
-            if name.startswith("LT NPD") and ("AR greedy", bs) in ratios:
-                rs = [a / b for a, b in zip(ratios[("AR greedy", bs)], ratios[(name, bs)])]
-                print(f"ratio batch{bs}: AR greedy / {name} = {statistics.median(rs):.2f} (median of {len(rs)} "
+            if name.startswith("LT NPD") and greedy:
+                rs = [a / b for a, b in zip(ratios[(greedy[0], bs)], ratios[(name, bs)])]
+                print(f"ratio batch{bs}: {greedy[0]} / {name} = {statistics.median(rs):.2f} (median of {len(rs)} "
                       f"rounds; min {min(rs):.2f}, max {max(rs):.2f})")
-    speed = " ".join(f"batch{bs}={statistics.median(ratios[('AR greedy', bs)]):.2f}"
-                     for bs in args.batch_sizes if ("AR greedy", bs) in ratios)
+    speed = " ".join(f"batch{bs}={statistics.median(ratios[(greedy[0], bs)]):.2f}"
+                     for bs in args.batch_sizes if greedy)
     print(f"speedup {speed}")
 
 

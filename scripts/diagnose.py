@@ -8,8 +8,10 @@ On every sentence of ``--subset`` it measures:
                  ``--latent-end-penalty`` when given); len_ratio  its output / reference length (sacreBLEU's)
   bleu_oracle    sacreBLEU of teacher-forced decoding: the autoencoder's own codes of the reference
                  (``--oracle-latents``), i.e. what a perfect latent predictor would give (paper Figure 3's y-axis)
-  lp_acc         latent-predictor accuracy on the reference codes, teacher-forced (every block right)
+  lp_acc         latent-predictor accuracy on the reference codes, teacher-forced (every block right; a parallel
+                 predictor: its one pass at the reference's number of latents)
   lp_end_acc     share of sentences where the predictor, fed the reference codes, puts END right after them
+                 (a parallel predictor: where its length classifier picks the reference's number of latents)
   len_err        mean (predicted - reference) number of latents of greedy decoding; len_abs_err its mean |.|;
                  len_short  the share of sentences given fewer latents than the reference needs
   codes_ae       distinct codes the autoencoder uses for the references; codes_pred  the predictor uses
@@ -85,13 +87,18 @@ def main(argv=None):
             codes, pad = dec.reference_codes(sample["target"], enc)
             real = ~pad
             lengths = real.sum(1)
-            # teacher-forced latent predictor on the reference codes: position j predicts code j, L_i predicts END
             latents = dec.bottleneck.embed_codes(codes).masked_fill(pad.unsqueeze(-1), 0.0)
-            pred = dec.latent_predictor(latents, pad, enc).argmax(-1)  # (B, L + 1, blocks)
+            predictor = dec.latent_predictor
+            if predictor.parallel:  # one pass at the reference's length; "END" = the length classifier is right
+                pred = predictor(latents, pad, enc)[0].argmax(-1)  # (B, L, blocks)
+                end_right += int((predictor.length_logits(enc).argmax(-1) == lengths).sum())
+            else:  # teacher-forced: position j predicts code j from the codes before it, L_i predicts END
+                pred = predictor(latents, pad, enc).argmax(-1)  # (B, L + 1, blocks)
+                end_right += int((pred[torch.arange(len(ids)), lengths, 0] == predictor.end).sum())
+                pred = pred[:, :-1]
             blocks = pred.size(2)
             want = codes.view(*pad.shape, blocks)
-            lp_right += int(((pred[:, :-1] == want).all(-1) & real).sum())
-            end_right += int((pred[torch.arange(len(ids)), lengths, 0] == dec.latent_predictor.end).sum())
+            lp_right += int(((pred == want).all(-1) & real).sum())
             n_lat += int(lengths.sum())
             # the E-step posterior at the reference latents (evaluation mode: no codebook update)
             z_e = dec.encode_target(dec.pad_to_multiple(sample["target"]), enc)[0]

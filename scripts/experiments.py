@@ -76,12 +76,17 @@ def lt_run(bottleneck="em", distilled=False, codes=512, samples=10, nc=1, seed=1
     return Run(name, "lt", distilled, args, {label: ["--task", "latent_translation"] + LENGTH})
 
 
-def ar_run(distilled=False):
+def ar_run(distilled=False, encoder_layers=3, decoder_layers=3):
+    """The AR transformer of the same width; 6 encoder + 1 decoder layers is the deep-encoder / shallow-decoder AR
+    (Kasai et al. 2021), the fastest AR a user would pick, with the parameter count of the 3+3 model."""
     args = ["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy",
-            "--label-smoothing", "0.1"] + SIZE
-    return Run("ar-distill" if distilled else "ar", "ar", distilled, args, {
-        "AR transformer, beam 4": ["--task", "translation", "--beam", "4"] + LENGTH,
-        "AR transformer, greedy": ["--task", "translation", "--beam", "1"] + LENGTH,
+            "--label-smoothing", "0.1"] + SIZE + ["--encoder-layers", str(encoder_layers),
+                                                  "--decoder-layers", str(decoder_layers)]
+    name = "ar" if (encoder_layers, decoder_layers) == (3, 3) else f"ar-e{encoder_layers}d{decoder_layers}"
+    what = "AR transformer" if name == "ar" else f"AR transformer {encoder_layers}+{decoder_layers}"
+    return Run(name + ("-distill" if distilled else ""), "ar", distilled, args, {
+        f"{what}, beam 4": ["--task", "translation", "--beam", "4"] + LENGTH,
+        f"{what}, greedy": ["--task", "translation", "--beam", "1"] + LENGTH,
     })
 
 
@@ -115,6 +120,7 @@ def table1_runs(work):
         lt_run("vq", distilled=True), em_distill,
         lt_run("em", distilled=True, nc=3),
         lev_run("nonautoregressive_transformer"), lev_run("cmlm_transformer"),
+        ar_run(distilled=True, encoder_layers=6, decoder_layers=1),
     ]
 
 
@@ -133,8 +139,8 @@ def ablation_runs(only=None):
     return [lt_run("em", distilled=True, **ABLATIONS[k]) for k in keys]
 
 
-LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (the preset: nc=1, K=512, m=10, 1-layer latent
-    # predictor, t2t masking over 400)
+LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=10, 1-layer latent predictor, t2t
+    # masking over 400)
     "base": [],
     "stop": ["--latent-input-gradient", "stop"],  # t2t: the latent loss does not train the autoencoder
     "flow": ["--latent-input-gradient", "flow"],
@@ -156,6 +162,11 @@ LEVERS = {  # issue-17 levers: one factor changed from lt_run("em") (the preset:
     "T01": ["--soft-em-temperature", "0.1"],  # a sharper E-step: the m samples agree on fewer codes
     "T003": ["--soft-em-temperature", "0.03"],
     "len": ["--latent-length-prediction"],  # the number of latents from a length classifier, not from END
+    # the one-pass latent predictor: length classifier, then all codes at once, glancing on the latents (R=0.5)
+    "par": ["--latent-predictor", "parallel"],
+    "g0": ["--latent-glancing-ratio", "0"],  # with par: no glancing
+    "g03": ["--latent-glancing-ratio", "0.3"],
+    "K64": ["--num-codes", "64"],
 }
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
              '{"max_len_a": 1.2, "max_len_b": 10}']

@@ -229,7 +229,8 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
 
 
 def test_experiments_levers_trains_a_combo_and_diagnoses_it(prepared):
-    """``levers --only vq+kmeans``: the preset with both factors changed, trained and diagnosed on valid."""
+    """``levers --only vq+kmeans``: the preset with both factors changed, trained and diagnosed on valid; the same
+    for ``par+K64``, then both timed with ``bench_decode.py`` against a 3+3 and a 6+1 AR."""
     import json
 
     import torch
@@ -250,6 +251,29 @@ def test_experiments_levers_trains_a_combo_and_diagnoses_it(prepared):
     assert 1 <= row["codes_ae"] <= 512 and row["sample_codes"] is None  # hard EM draws no samples
     p = py(*common, "--only", "vq+nosuch", check=False)
     assert p.returncode != 0 and "unknown lever(s) ['nosuch']" in p.stderr
+
+    # the one-pass latent predictor with a small codebook: trained, diagnosed, and timed beside the other LT and
+    # two ARs (3+3 and 6+1) in the same rounds
+    py(*common, "--only", "par+K64")
+    par = os.path.join(work, "lever-par+K64-raw-s1", "checkpoint_last.pt")
+    cfg = torch.load(par, map_location="cpu", weights_only=False)["cfg"]["model"]
+    assert (cfg.latent_predictor, cfg.num_codes) == ("parallel", 64)
+    row = [json.loads(line) for line in open(os.path.join(work, "results.jsonl"))][-1]
+    assert row["label"] == "par+K64" and 0.0 <= row["lp_end_acc"] <= 1.0 and 1 <= row["codes_ae"] <= 64
+    ars = []
+    for layers in (("3", "3"), ("6", "1")):
+        save = os.path.join(work, "ar" + "".join(layers))
+        run("scripts/train-teacher.sh", data_bin, save, "--max-update", "1", "--encoder-layers", layers[0],
+            "--decoder-layers", layers[1], "--max-tokens", "500", "--cpu")
+        ars.append(os.path.join(save, "checkpoint_last.pt"))
+    import re
+
+    p = py("scripts/bench_decode.py", data_bin, "--lt-path", par, os.path.join(work, name, "checkpoint_last.pt"),
+           "--ar-path", *ars, "--repeats", "1", "--max-sentences", "2", "--batch-sizes", "2", "--ar-beams", "1",
+           "--cpu")
+    for model in ("LT ar-pred 3+3", "AR 3+3 greedy", "AR 6+1 greedy"):
+        assert re.search(rf"^ratio batch2: {re.escape(model)} / LT par 3\+3 = \d+\.\d\d", p.stdout, re.M), p.stdout
+    assert re.fullmatch(r"speedup batch2=\d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
 
 
 def test_experiments_curve_scores_each_kept_checkpoint_of_a_translation_lev_run(prepared):

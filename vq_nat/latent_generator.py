@@ -19,6 +19,11 @@ Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best late
 predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by latent score is decoded, or, with
 ``npd_teacher``, all k are decoded in one parallel pass and the teacher picks as for NPD.
 
+Length beam (``length_beam`` = l > 1, ``--latent-length-beam``; models with a length classifier, e.g.
+``--latent-predictor parallel``): the l most probable numbers of latents of every sentence are each predicted and
+decoded, all in one batch of B·l rows, and the hypothesis with the best mean token log-probability is returned
+(the model's own score, as fairseq NAT's ``--iter-decode-with-beam``); l = 1 is plain decoding.
+
 Latent length (``latent_end_penalty`` P, ``--latent-end-penalty``): the latent predictor's END is chosen as if its
 log-probability were lower by P, so P > 0 gives longer latent sequences (and outputs), P < 0 shorter ones; the
 value is chosen on valid like fairseq's ``--lenpen``. A model trained with ``--latent-length-prediction`` takes the
@@ -41,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1, latent_end_penalty: float = 0.0):
+                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1, latent_end_penalty: float = 0.0,
+                 length_beam: int = 1):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if npd_candidates > 1 and npd_teacher is None:
@@ -55,6 +61,12 @@ class LatentGenerator:
         if latent_beam > 1 and (npd_candidates > 1 or oracle_latents):
             raise ValueError("--latent-beam chooses the latents itself: it cannot be combined with "
                              "--npd-candidates or --oracle-latents (pass --npd-teacher alone to rescore the beam)")
+        if length_beam < 1:
+            raise ValueError(f"--latent-length-beam must be >= 1, got {length_beam}")
+        if length_beam > 1 and (npd_candidates > 1 or oracle_latents or latent_beam > 1):
+            raise ValueError("--latent-length-beam chooses among its own candidates: it cannot be combined with "
+                             "--npd-candidates, --oracle-latents or --latent-beam")
+        self.length_beam = length_beam
         self.npd_candidates = npd_candidates
         self.oracle_latents = oracle_latents
         self.latent_beam = latent_beam
@@ -103,14 +115,16 @@ class LatentGenerator:
             codes, latent_pad = model.decoder.reference_codes(sample["target"], encoder_out)
             given = dict(codes=codes, latent_pad=latent_pad)
             budget, limits = None, None  # the reference's own length
-        beam_scores = None
+        dec = model.decoder
+        beam_scores, lengths, length_ok = None, None, None
         if self.latent_beam > 1:
+            if dec.latent_predictor.parallel:
+                raise ValueError("--latent-beam searches over autoregressive latent sequences: a model with "
+                                 "--latent-predictor parallel takes --latent-length-beam instead")
             b, beam = src_tokens.size(0), self.latent_beam
-            dec = model.decoder
-            max_latents = max(1, min(int(budget.max()), dec.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, beam_scores = dec.latent_predictor.beam_search(
-                encoder_out, dec.bottleneck.embed_codes, max_latents, b, beam, end_penalty=self.latent_end_penalty,
-                budgets=budget)
+                encoder_out, dec.bottleneck.embed_codes, dec.latent_limit(int(limits.max())), b, beam,
+                end_penalty=self.latent_end_penalty, budgets=budget)
             if self.teacher is None:  # chosen by latent score: each sentence's best sequence
                 first = torch.arange(b, device=codes.device) * beam
                 codes, latent_pad, beam_scores = codes[first], latent_pad[first], beam_scores[first]
@@ -120,23 +134,39 @@ class LatentGenerator:
                 encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
                 limits, budget = limits[order], budget[order]
             given = dict(codes=codes, latent_pad=latent_pad)
-        tokens, scores, latent_pad, codes, latent_scores = model.decoder.generate(
+        if self.length_beam > 1:  # B * l rows: the l most probable latent lengths of each sentence
+            if not dec.latent_predictor.predict_length:
+                raise ValueError("--latent-length-beam needs a model with a length classifier "
+                                 "(--latent-predictor parallel or --latent-length-prediction)")
+            b, k = src_tokens.size(0), self.length_beam
+            top, top_lp = dec.latent_predictor.top_lengths(encoder_out, dec.latent_limit(int(limits.max())),
+                                                           budget, beam=k)
+            lengths, length_ok = top.view(-1), torch.isfinite(top_lp.view(-1))
+            order = torch.arange(b, device=top.device).repeat_interleave(k)
+            encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+            limits, budget = limits[order], budget[order]
+        tokens, scores, latent_pad, codes, latent_scores = dec.generate(
             encoder_out, int(limits.max()) if limits is not None else 0, latent_budget=budget,
-            sample=sample_rows, token_budget=limits, end_penalty=self.latent_end_penalty, **given,
+            sample=sample_rows, token_budget=limits, end_penalty=self.latent_end_penalty,
+            latent_lengths=lengths, **given,
         )
-        if beam_scores is not None:
-            latent_scores = beam_scores
         # each hypothesis ends at its first EOS (kept), else at the end of its span (EOS appended)
         spans = tokens.ne(self.pad).sum(1)  # the decoder fills each span (latents x 2^nc, <= limit)
         is_eos = tokens.eq(self.eos)
         with_eos = is_eos.any(1)
         ends = torch.where(with_eos, is_eos.int().argmax(1) + 1, spans)
+        teacher_scores = None
         if k == 1:
             rows = range(tokens.size(0))
         else:
-            targets = self.candidates(tokens, ends, with_eos)
-            teacher_scores = self.rescore(src_tokens, src_lengths, targets, k)
-            best = teacher_scores.view(-1, k).argmax(1)
+            if self.teacher is not None:  # NPD / rescored latent beam: the teacher's mean token log-probability
+                targets = self.candidates(tokens, ends, with_eos)
+                choice = teacher_scores = self.rescore(src_tokens, src_lengths, targets, k)
+            else:  # length beam: the model's own mean token log-probability (of the hypothesis dict's tokens)
+                used = torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) < ends.unsqueeze(1)
+                choice = (scores * used).sum(1) / (ends + (~with_eos).long()).float()
+                choice = choice.masked_fill(~length_ok, float("-inf"))
+            best = choice.view(-1, k).argmax(1)
             rows = (torch.arange(best.numel(), device=best.device) * k + best).tolist()
         latent_len = (~latent_pad).sum(1).tolist()
         ends, with_eos = ends.tolist(), with_eos.tolist()
@@ -156,7 +186,7 @@ class LatentGenerator:
                 "latents": codes[i, : latent_len[i]],
                 "latent_score": latent_scores[i],
             }
-            if k > 1:
+            if teacher_scores is not None:
                 hypo["teacher_score"] = teacher_scores[i]
                 hypo["npd_candidate"] = i % k
             out.append([hypo])

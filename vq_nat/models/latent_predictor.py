@@ -33,24 +33,55 @@ def causal_mask(length: int, device) -> Tensor:
     return torch.triu(torch.full((length, length), float("-inf"), device=device), 1)
 
 
-class LatentPredictor(nn.Module):
+def end_policy(lprobs: Tensor, t: int, end: int, max_latents: int, end_penalty: float = 0.0,
+               lengths: Optional[Tensor] = None) -> Tensor:
+    """The one set of rules for where END may stand in a latent sequence, for greedy decoding, sampling and beam
+    search alike. ``lprobs`` (R, K + 1): the model's log-probabilities of block 0 at step ``t``; returns the
+    scores the choice is made by (a new tensor; the model's own log-probabilities are what is scored):
+
+    - t = 0: no END (every target has at least one token, so at least one latent);
+    - t = ``max_latents`` (the budget), or t >= L with predicted lengths L (R,): END only;
+    - t < L with predicted lengths: no END;
+    - otherwise END is chosen as if its log-probability were lower by ``end_penalty`` (``--latent-end-penalty``).
+    """
+    choose = lprobs.clone()
+    if t == 0:
+        choose[:, end] = float("-inf")
+    if t == max_latents:
+        choose[:, :end] = float("-inf")
+    elif lengths is not None:
+        choose[:, end] = choose[:, end].masked_fill(t < lengths, float("-inf"))
+        choose[:, :end] = choose[:, :end].masked_fill((t >= lengths).unsqueeze(1), float("-inf"))
+    elif end_penalty != 0.0 and t > 0:
+        choose[:, end] -= end_penalty
+    return choose
+
+
+class LatentPredictorBase(nn.Module):
+    """What the autoregressive and the parallel latent predictor share: ``num_layers`` fairseq
+    ``TransformerDecoderLayer``s attending to the source, sinusoidal positions, an output layer of ``num_blocks``
+    softmaxes over ``num_symbols`` each, and the latent-length classifier (with ``predict_length``); with
+    ``start``, the learned start vector of autoregressive decoding (created first, so that parameter order and
+    initialisation are those of the model before the parallel predictor existed)."""
+
     def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
-                 predict_length: bool = False):
+                 num_symbols: int, predict_length: bool = False, start: bool = False):
         super().__init__()
         dim = args.decoder_embed_dim
+        if start:
+            self.start = nn.Parameter(torch.zeros(dim))
+            nn.init.normal_(self.start, std=dim**-0.5)
         self.max_latents = max_latents
         self.num_codes = num_codes
         self.num_blocks = num_blocks
-        self.end = num_codes  # the end-of-latents symbol
-        self.start = nn.Parameter(torch.zeros(dim))
-        nn.init.normal_(self.start, std=dim**-0.5)
+        self.num_symbols = num_symbols
         self.register_buffer(
             "positions", SinusoidalPositionalEmbedding.get_embedding(max_latents + 2, dim, None), persistent=False
         )
         self.dropout = FairseqDropout(args.dropout, module_name=self.__class__.__name__)
         self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(num_layers))
         self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
-        self.output = nn.Linear(dim, num_blocks * (num_codes + 1))
+        self.output = nn.Linear(dim, num_blocks * num_symbols)
         self.predict_length = predict_length
         if predict_length:
             self.length_output = nn.Linear(dim, max_latents + 1)  # classes 0..max_latents (0: never a target)
@@ -62,17 +93,43 @@ class LatentPredictor(nn.Module):
         real positions (fairseq NAT's ``forward_length``)."""
         return self.length_output(_mean_pooling(*unpack_encoder_out(encoder_out)))
 
-    def predicted_lengths(self, encoder_out: Dict, max_latents: int,
-                          budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """The most probable number of latents in 1..``max_latents`` (and ≤ each sentence's ``budgets`` (B,),
-        so that a sentence's latents do not depend on the batch) and its log-probability, (B,) each."""
+    def top_lengths(self, encoder_out: Dict, max_latents: int, budgets: Optional[Tensor] = None,
+                    beam: int = 1) -> Tuple[Tensor, Tensor]:
+        """The ``beam`` most probable numbers of latents in 1..``max_latents`` (each ≤ its sentence's ``budgets``
+        (B,), so that a sentence's latents do not depend on the batch) and their log-probabilities, (B, beam)
+        each, best first. Where fewer lengths are allowed than ``beam``, the surplus has log-probability -inf."""
         lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)[:, 1 : max_latents + 1]
         if budgets is not None:
             allowed = torch.arange(1, lprobs.size(1) + 1, device=lprobs.device).unsqueeze(0) <= \
                 budgets.clamp(min=1).unsqueeze(1)
             lprobs = lprobs.masked_fill(~allowed, float("-inf"))
-        best, lengths = lprobs.max(-1)
-        return lengths + 1, best
+        if beam > lprobs.size(1):
+            lprobs = F.pad(lprobs, (0, beam - lprobs.size(1)), value=float("-inf"))
+        best, lengths = lprobs.topk(beam, dim=-1)
+        return (lengths + 1).clamp(max=max_latents), best
+
+    def predicted_lengths(self, encoder_out: Dict, max_latents: int,
+                          budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The most probable number of latents (``top_lengths`` with beam 1) and its log-probability, (B,) each."""
+        lengths, lprobs = self.top_lengths(encoder_out, max_latents, budgets)
+        return lengths[:, 0], lprobs[:, 0]
+
+    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float, budgets: Optional[Tensor],
+                 lengths: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
+        """(numbers of latents, their log-probabilities) with length prediction, else None: ``lengths`` (B,) when
+        given (a length beam), else the classifier's choice."""
+        if not self.predict_length:
+            if lengths is not None:
+                raise ValueError("a latent length beam needs a model with a length classifier "
+                                 "(--latent-predictor parallel or --latent-length-prediction)")
+            return None
+        if end_penalty != 0.0:
+            raise ValueError("--latent-end-penalty has no effect on a model with a length classifier: its END "
+                             "comes at the predicted number of latents")
+        if lengths is None:
+            return self.predicted_lengths(encoder_out, max_latents, budgets)
+        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)
+        return lengths, lprobs.gather(1, lengths.unsqueeze(1)).squeeze(1)
 
     def _remaining(self, lengths: Tensor, offset: int, width: int) -> Tensor:
         """(B, width, H) embeddings of L - j for positions j = offset .. offset + width - 1 (clamped to 0)."""
@@ -89,7 +146,19 @@ class LatentPredictor(nn.Module):
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         logits = F.linear(x, self.output.weight, self.output.bias)
-        return logits.view(*x.shape[:-1], self.num_blocks, self.num_codes + 1)
+        return logits.view(*x.shape[:-1], self.num_blocks, self.num_symbols)
+
+
+class LatentPredictor(LatentPredictorBase):
+    """The autoregressive latent predictor (the paper's): K codes plus END per position (see module docstring)."""
+
+    parallel = False
+
+    def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
+                 predict_length: bool = False):
+        super().__init__(args, num_layers, num_codes, num_blocks, max_latents, num_codes + 1, predict_length,
+                         start=True)
+        self.end = num_codes  # the end-of-latents symbol
 
     def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict,
                 lengths: Optional[Tensor] = None) -> Tensor:
@@ -119,71 +188,48 @@ class LatentPredictor(nn.Module):
             x, _, _ = layer(x, enc, enc_mask, incremental_state=incremental_state)
         return self._logits(x.transpose(0, 1))[:, 0]
 
-    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float,
-                 budgets: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-        """(predicted numbers of latents, their log-probabilities) with length prediction, else None."""
-        if not self.predict_length:
-            return None
-        if end_penalty != 0.0:
-            raise ValueError("--latent-end-penalty has no effect on a model with --latent-length-prediction: "
-                             "its END comes at the predicted number of latents")
-        return self.predicted_lengths(encoder_out, max_latents, budgets)
-
     @torch.no_grad()
     def generate(
         self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
         sample: Optional[Tensor] = None, temperature: float = 1.0, end_penalty: float = 0.0,
-        budgets: Optional[Tensor] = None,
+        budgets: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents``
         codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from
-        softmax(logits / temperature) (the candidates of noisy parallel decoding).
+        softmax(choice scores / temperature) (the candidates of noisy parallel decoding). Where END may stand is
+        ``end_policy``'s rule (``end_penalty``, the budget, predicted lengths).
 
-        ``end_penalty`` P: the choice is made as if log p(END) were lower by P (longer latent sequences for
-        P > 0, shorter for P < 0, ``--latent-end-penalty``); the returned scores are the model's own
-        log-probabilities of what was chosen.
+        With a length classifier the number of latents is its choice (at most ``budgets`` (B,) where given), or
+        ``lengths`` (B,) where given (a length beam), and its log-probability is part of the score.
 
-        With length prediction the number of latents is the length classifier's choice (at most ``budgets``
-        (B,) where given; END excluded before it, chosen at it) and its log-probability is part of the score.
-
-        Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the summed log-probability
-        of each sentence's codes and END.
+        Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the model's own summed
+        log-probability of each sentence's codes and END (END: block 0 only).
         """
         device = self.start.device
-        predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets)
+        predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets, lengths)
+        target_lengths = None if predicted is None else predicted[0]
         incremental_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
         prev = self.start.expand(batch_size, -1)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         picked, picked_lp = [], []  # per step: (B, num_blocks) symbols and their log-probabilities
         for t in range(max_latents + 1):
-            logits = self.step(prev, t, encoder_out, incremental_state,
-                               lengths=None if predicted is None else predicted[0])
+            logits = self.step(prev, t, encoder_out, incremental_state, lengths=target_lengths)
             lprobs = F.log_softmax(logits.float(), dim=-1)
-            if t == 0:
-                lprobs[:, :, self.end] = float("-inf")  # every target has >= 1 token, so >= 1 latent
-            if t == max_latents:  # out of budget: END is forced, and scored (block 0 holds END)
-                picked.append(torch.full((batch_size, self.num_blocks), self.end, dtype=torch.long, device=device))
-                picked_lp.append(F.pad(lprobs[:, :1, self.end], (0, self.num_blocks - 1)))
-                break
-            choose = lprobs
-            if end_penalty != 0.0 and t > 0:
-                choose = lprobs.clone()
-                choose[:, 0, self.end] -= end_penalty
-            if predicted is not None:  # END only at the predicted length
-                choose = lprobs.clone()
-                choose[:, 0, self.end] = choose[:, 0, self.end].masked_fill(t < predicted[0], float("-inf"))
+            choose = lprobs.clone()
+            choose[:, 0] = end_policy(lprobs[:, 0], t, self.end, max_latents, end_penalty, target_lengths)
             idx = choose.argmax(-1)  # (B, num_blocks)
             if sample is not None:
                 drawn = torch.multinomial(
                     F.softmax(choose.flatten(0, 1) / temperature, dim=-1), 1
                 ).view_as(idx)
                 idx = torch.where(sample.unsqueeze(1), drawn, idx)
-            if predicted is not None:
-                idx[:, 0] = idx[:, 0].masked_fill(t >= predicted[0], self.end)
             best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            ends = idx[:, 0] == self.end
+            if self.num_blocks > 1:  # END is block 0's: the other blocks of an END step are not scored
+                best[:, 1:] = best[:, 1:].masked_fill(ends.unsqueeze(1), 0.0)
             picked.append(idx)
             picked_lp.append(best)
-            finished |= idx[:, 0] == self.end
+            finished |= ends
             if bool(finished.all()):
                 break
             prev = embed_codes(idx.clamp(max=self.num_codes - 1) if self.num_blocks > 1
@@ -191,29 +237,28 @@ class LatentPredictor(nn.Module):
         # each sentence's latents end at its first END: length = its position, score = sum up to and with it
         symbols = torch.stack(picked, dim=1)  # (B, T, num_blocks)
         is_end = symbols[:, :, 0] == self.end
-        lengths = is_end.int().argmax(1)  # every row has an END (forced at max_latents)
+        num = is_end.int().argmax(1)  # every row has an END (forced at max_latents)
         steps = torch.arange(symbols.size(1), device=device).unsqueeze(0)
-        scores = torch.stack(picked_lp, dim=1).sum(-1).masked_fill(steps > lengths.unsqueeze(1), 0.0).sum(1)
+        scores = torch.stack(picked_lp, dim=1).sum(-1).masked_fill(steps > num.unsqueeze(1), 0.0).sum(1)
         if predicted is not None:
             scores = scores + predicted[1]
         codes = symbols[:, :-1].clamp(max=self.num_codes - 1) if symbols.size(1) > 1 else \
             torch.zeros(batch_size, 1, self.num_blocks, dtype=torch.long, device=device)
         if self.num_blocks == 1:
             codes = codes[..., 0]
-        padding_mask = torch.arange(codes.size(1), device=device).unsqueeze(0) >= lengths.unsqueeze(1)
+        padding_mask = torch.arange(codes.size(1), device=device).unsqueeze(0) >= num.unsqueeze(1)
         return codes, padding_mask, scores
 
     @torch.no_grad()
     def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int,
                     end_penalty: float = 0.0, budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """The ``beam`` best latent sequences of every sentence (beam search, one code per position, END ends a
-        sequence; ranked by the mean log-probability of their codes and END, as fairseq's length penalty 1).
+        sequence), searched and ranked by the mean choice score of their codes and END (fairseq's length
+        penalty 1), where END may stand and what it costs being ``end_policy``'s rule, as in ``generate``.
 
         Each step re-runs the teacher-forced ``forward`` on the prefixes (latent sequences are a few positions
-        long). Returns codes (B * beam, L), their padding mask and scores (B * beam,), sentence-major with each
-        sentence's best sequence first. ``beam`` = 1 is greedy decoding (``generate``). ``end_penalty`` P is
-        subtracted from log p(END) wherever END is optional, and is part of the scores. With length prediction
-        all of a sentence's sequences have the predicted number of latents (at most ``budgets``, as ``generate``).
+        long). Returns codes (B * beam, L), their padding mask and the model's own summed log-probabilities
+        (B * beam,), sentence-major with each sentence's best sequence first. ``beam`` = 1 is ``generate``.
         """
         if self.num_blocks != 1:
             raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
@@ -225,8 +270,9 @@ class LatentPredictor(nn.Module):
         predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets)
         row_lengths = None if predicted is None else predicted[0][order]
         codes = torch.zeros(rows, 0, dtype=torch.long, device=device)
-        scores = torch.zeros(batch_size, k, device=device)
-        scores[:, 1:] = float("-inf")  # all beams start equal: only the first one is expanded at step 0
+        search = torch.zeros(batch_size, k, device=device)  # summed choice scores: what the beam ranks by
+        search[:, 1:] = float("-inf")  # all beams start equal: only the first one is expanded at step 0
+        model = torch.zeros(rows, device=device)  # summed log-probabilities of the model
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)  # latents before END (final when done)
         for t in range(max_latents + 1):
@@ -234,31 +280,24 @@ class LatentPredictor(nn.Module):
             latents = embed_codes(codes.clamp(max=self.num_codes - 1)).to(self.start.dtype)
             logits = self.forward(latents, pad, enc, lengths=row_lengths)[:, t, 0]  # (rows, K + 1): next symbol
             lprobs = F.log_softmax(logits.float(), dim=-1)
-            if t == 0:
-                lprobs[:, self.end] = float("-inf")  # every target has >= 1 latent
-            elif t == max_latents:  # out of budget: END is forced
-                lprobs[:, : self.end] = float("-inf")
-            else:
-                lprobs[:, self.end] -= end_penalty
-            if row_lengths is not None:  # END exactly at the predicted length
-                lprobs[:, self.end] = lprobs[:, self.end].masked_fill(t < row_lengths, float("-inf"))
-                lprobs[:, : self.end] = lprobs[:, : self.end].masked_fill((t >= row_lengths).unsqueeze(1),
-                                                                          float("-inf"))
+            choose = end_policy(lprobs, t, self.end, max_latents, end_penalty, row_lengths)
             # finished sequences continue with END only, at no cost
-            lprobs = torch.where(done.unsqueeze(1), torch.full_like(lprobs, float("-inf")), lprobs)
-            lprobs[done, self.end] = 0.0
-            total = (scores.view(-1, 1) + lprobs).view(batch_size, k * n_sym)
-            scores, flat = total.topk(k, dim=1)  # (B, k)
+            choose = torch.where(done.unsqueeze(1), torch.full_like(choose, float("-inf")), choose)
+            choose[done, self.end] = 0.0
+            lprobs = lprobs.masked_fill(done.unsqueeze(1), 0.0)
+            total = (search.view(-1, 1) + choose).view(batch_size, k * n_sym)
+            search, flat = total.topk(k, dim=1)  # (B, k)
             src = (flat // n_sym + torch.arange(batch_size, device=device).unsqueeze(1) * k).view(-1)
             sym = (flat % n_sym).view(-1)
+            model = model[src] + lprobs[src, sym]
             codes = torch.cat([codes[src], sym.unsqueeze(1)], dim=1)
             was_done = done[src]
             lengths = torch.where(was_done, lengths[src], lengths[src] + (sym != self.end).long())
             done = was_done | (sym == self.end)
             if bool(done.all()):
                 break
-        # rank by mean log-probability per symbol (codes + END)
-        mean = (scores.view(-1) / (lengths + 1).float()).view(batch_size, k)
+        # rank by mean choice score per symbol (codes + END)
+        mean = (search.view(-1) / (lengths + 1).float()).view(batch_size, k)
         mean, rank = mean.sort(dim=1, descending=True)
         pick = (rank + torch.arange(batch_size, device=device).unsqueeze(1) * k).view(-1)
         codes, lengths = codes[pick], lengths[pick]
@@ -267,7 +306,7 @@ class LatentPredictor(nn.Module):
         if codes.size(1) < width:
             codes = F.pad(codes, (0, width - codes.size(1)))
         padding_mask = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
-        scores = scores.view(-1)[pick]
+        scores = model[pick]
         if predicted is not None:
             scores = scores + predicted[1][order]
         return codes.masked_fill(padding_mask, 0), padding_mask, scores

@@ -4,6 +4,7 @@
     target y --embed--> Compressor (residual convs + nc stride-2 convs) --> z_e (n / 2^nc positions)
              --bottleneck (VQ hard EM / soft EM / Gumbel / semhash)--> z_q, codes
     LatentPredictor(h_x, codes<j) --> p(code_j)              (autoregressive, trained on ``targets``)
+      or ParallelLatentPredictor(h_x, L) --> p(code_j), j < L  (--latent-predictor parallel: one pass)
     Decompressor(z_q) --> d (n positions) --causal transformer decoder, attends h_x--> all tokens in one pass
 
 Follows tensor2tensor ``transformer_nat``: the decoder is fed the decompressed latents shifted right, with causal
@@ -36,11 +37,13 @@ from torch import Tensor
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
 from ..modules.schedules import inverse_exp_decay, inverse_lin_decay
-from .latent_predictor import LatentPredictor, unpack_encoder_out, causal_mask
+from .latent_predictor import LatentPredictor, causal_mask, unpack_encoder_out
+from .parallel_latent_predictor import ParallelLatentPredictor, glancing_count, random_positions
 
 logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
+LATENT_PREDICTORS = ("autoregressive", "parallel")
 # logits computed at once when decoding (1M fp32 = 4 MB): rows per chunk = this // vocabulary size
 _CHUNK_LOGITS = 1 << 20
 
@@ -161,6 +164,15 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                        help="predict the number of latents from the source first (a length classifier, trained "
                             "with the criterion's --length-loss-factor) and condition the latent predictor on "
                             "the latents still to come; END comes at the predicted length (beyond the paper)")
+        g.add_argument("--latent-predictor", choices=LATENT_PREDICTORS,
+                       help="autoregressive: the paper's latent predictor, one code after the other up to END; "
+                            "parallel: the length classifier chooses the number of latents and all codes come "
+                            "from one non-causal pass, trained with glancing on the latents (beyond the paper, "
+                            "after latent-GLAT)")
+        g.add_argument("--latent-glancing-ratio", type=float, metavar="R",
+                       help="--latent-predictor parallel: R x (number of wrong codes) reference latents are fed as "
+                            "inputs at random positions of each sentence during training, and the loss counts on "
+                            "the others (default 0.5; 0 = no glancing)")
         g.add_argument("--glancing-ratio", type=float, metavar="R",
                        help="adaptive glancing (GLAT, Qian et al. 2021) instead of the masking schedule: each "
                             "update first decodes without gold inputs, then feeds gold target embeddings at "
@@ -259,10 +271,23 @@ class LatentDecoder(FairseqDecoder):
         self.num_codes = args.num_codes
         self.num_blocks = args.num_blocks if args.bottleneck in ("vq", "em") else 1
         max_latents = (args.max_target_positions + self.factor - 1) // self.factor
-        self.latent_predictor = LatentPredictor(
-            args, args.latent_layers or args.decoder_layers, self.num_codes, self.num_blocks, max_latents,
-            predict_length=getattr(args, "latent_length_prediction", False),
-        )
+        layers = args.latent_layers or args.decoder_layers
+        kind = getattr(args, "latent_predictor", None) or "autoregressive"
+        ratio = getattr(args, "latent_glancing_ratio", None)
+        if kind == "parallel":
+            self.latent_predictor = ParallelLatentPredictor(
+                args, layers, self.num_codes, self.num_blocks, max_latents,
+                glancing_ratio=0.5 if ratio is None else ratio,
+            )
+        elif kind == "autoregressive":
+            if ratio is not None:
+                raise ValueError("--latent-glancing-ratio applies to --latent-predictor parallel only")
+            self.latent_predictor = LatentPredictor(
+                args, layers, self.num_codes, self.num_blocks, max_latents,
+                predict_length=getattr(args, "latent_length_prediction", False),
+            )
+        else:
+            raise ValueError(f"unknown --latent-predictor {kind!r}; choose from {LATENT_PREDICTORS}")
         self.decompressor = Decompressor(dim, self.nc, dropout=args.dropout)
         self.register_buffer(
             "positions",
@@ -307,11 +332,7 @@ class LatentDecoder(FairseqDecoder):
                                length=target.size(1))
         wrong = torch.zeros_like(real)
         wrong[real] = self.output_layer(features[real]).argmax(-1) != target[real]
-        n = torch.ceil(self.glancing_ratio * wrong.sum(1).float()).long()  # (B,)
-        # the n smallest of i.i.d. uniform scores over the real positions are a uniform random n-subset
-        scores = torch.rand(target.shape, device=target.device).masked_fill(~real, 2.0)
-        rank = scores.argsort(1).argsort(1)
-        return (rank < n.unsqueeze(1)) & real
+        return random_positions(real, glancing_count(wrong, self.glancing_ratio))
 
     def latent_loss_weight(self) -> float:
         """t2t gates the prior loss: it counts iff num_updates > latent_loss_start."""
@@ -391,7 +412,16 @@ class LatentDecoder(FairseqDecoder):
         features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking(),
                                features_only=True, length=target.size(1), use_gold=glance)
         lp_input = q.quantized.detach() if self.stop_latent_gradient else q.quantized
-        lp_logits = self.latent_predictor(lp_input.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad, encoder_out)
+        lp_input = lp_input.masked_fill(latent_pad.unsqueeze(-1), 0.0)
+        latent_targets = self.latent_targets(q.targets, latent_pad)
+        if self.latent_predictor.parallel:
+            # the codes the glancing sampler compares with: each latent's most probable target code
+            reference = latent_targets[:, :-1, :, : self.num_codes].argmax(-1)
+            lp_logits, glanced = self.latent_predictor(lp_input, latent_pad, encoder_out, reference=reference)
+            # K codes, no END; glanced positions are no target
+            latent_targets = latent_targets[:, :-1, :, : self.num_codes].masked_fill(glanced[..., None, None], 0.0)
+        else:
+            lp_logits = self.latent_predictor(lp_input, latent_pad, encoder_out)
         return {
             # decoder states of the target positions (B, T, H); the criterion projects only the real tokens
             # onto the vocabulary (``output_layer``), never the padding
@@ -399,8 +429,10 @@ class LatentDecoder(FairseqDecoder):
             "bottleneck": q,
             "latent_padding_mask": latent_pad,
             "latent_logits": lp_logits,
-            "latent_targets": self.latent_targets(q.targets, latent_pad),
-            # (B, max_latents + 1) with --latent-length-prediction, else None; the target is the number of latents
+            # (B, L + 1, blocks, K + 1) with END for the autoregressive predictor, (B, L, blocks, K) for the
+            # parallel one; all-zero rows are no target (padding, glanced positions)
+            "latent_targets": latent_targets,
+            # (B, max_latents + 1) with a length classifier, else None; the target is the number of latents
             "length_logits": self.latent_predictor.length_logits(encoder_out)
             if self.latent_predictor.predict_length else None,
             "masking": self.masking() if glance is None
@@ -434,9 +466,12 @@ class LatentDecoder(FairseqDecoder):
     @torch.no_grad()
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
                  sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None,
-                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None, end_penalty: float = 0.0):
-        """Predict the latents autoregressively (greedy, cached, early stop at END; rows flagged in ``sample``
-        draw their codes instead), then decode all target positions in one parallel pass.
+                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None, end_penalty: float = 0.0,
+                 latent_lengths: Optional[Tensor] = None):
+        """Predict the latents with the latent predictor (autoregressive: greedy, cached, early stop at END;
+        parallel: one pass; rows flagged in ``sample`` draw their codes instead), then decode all target
+        positions in one parallel pass. ``latent_lengths`` (B,): the numbers of latents to predict (a length beam;
+        models with a length classifier).
 
         ``codes`` (B, L[, blocks]) with their ``latent_pad``: decode these latents instead of predicted ones
         (teacher-forced decoding with ``reference_codes``: the bound a perfect latent predictor would reach);
@@ -450,11 +485,10 @@ class LatentDecoder(FairseqDecoder):
         (B, L), the codes and the latent log-probabilities (B,)."""
         enc, _ = unpack_encoder_out(encoder_out)
         if codes is None:
-            max_latents = max(1, min((max_target_len + self.factor - 1) // self.factor,
-                                     self.latent_predictor.positions.size(0) - 2))
             codes, latent_pad, latent_scores = self.latent_predictor.generate(
-                encoder_out, self.bottleneck.embed_codes, max_latents, enc.size(1), sample=sample,
-                end_penalty=end_penalty, budgets=latent_budget,
+                encoder_out, self.bottleneck.embed_codes, self.latent_limit(max_target_len), enc.size(1),
+                sample=sample,
+                end_penalty=end_penalty, budgets=latent_budget, lengths=latent_lengths,
             )
         else:
             if latent_pad is None or latent_pad.shape != codes.shape[:2]:
@@ -481,6 +515,10 @@ class LatentDecoder(FairseqDecoder):
         tokens[used] = best_tokens
         scores[used] = best
         return tokens, scores, latent_pad, codes, latent_scores
+
+    def latent_limit(self, max_target_len: int) -> int:
+        """The most latents a decoding of at most ``max_target_len`` tokens predicts (≥ 1, within the model)."""
+        return max(1, min((max_target_len + self.factor - 1) // self.factor, self.latent_predictor.max_latents))
 
     def best_tokens(self, features: Tensor) -> Tuple[Tensor, Tensor]:
         """Decoder states (R, H) -> the most probable token of each (never <pad> or <s>) and its log-probability
@@ -539,7 +577,9 @@ def base_architecture(args):
         latent_layers=None,
         latent_input_gradient="flow",
         glancing_ratio=0.0,
+        latent_predictor="autoregressive",
     )
+    args.latent_glancing_ratio = getattr(args, "latent_glancing_ratio", None)
     args.codebook_init_std = getattr(args, "codebook_init_std", 1.0)
     args.kmeans_init = getattr(args, "kmeans_init", False)
     args.ae_attend_source = getattr(args, "ae_attend_source", False)

@@ -43,6 +43,11 @@ class LatentTranslationConfig(TranslationConfig):
         default=1, metadata={"help": "beam search over latent sequences: decode the best of the k best by latent "
                                      "score, or with --npd-teacher all k in one parallel pass, the teacher picking"}
     )
+    latent_length_beam: int = field(
+        default=1, metadata={"help": "length beam (models with a length classifier, e.g. --latent-predictor "
+                                     "parallel): decode the l most probable latent lengths of each sentence in one "
+                                     "batch and keep the hypothesis with the best mean token log-probability"}
+    )
     latent_end_penalty: float = field(
         default=0.0, metadata={"help": "subtract P from the latent predictor's log-probability of END when "
                                        "choosing: P > 0 gives longer latent sequences and translations, P < 0 "
@@ -106,6 +111,7 @@ class LatentTranslationTask(TranslationTask):
             oracle_latents=self.cfg.oracle_latents,
             latent_beam=self.cfg.latent_beam,
             latent_end_penalty=self.cfg.latent_end_penalty,
+            length_beam=self.cfg.latent_length_beam,
         )
 
     def load_npd_teacher(self, path, models):
