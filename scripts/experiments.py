@@ -156,6 +156,7 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     # codebook from k-means on the first batch instead of N(0, I), and no dead-code re-seeding
     "kmeans": ["--kmeans-init", "--dead-code-threshold", "0"],
     "lp2": ["--latent-layers", "2"],  # the preset's latent predictor before the lever study: better, but slower
+    "lp3": ["--latent-layers", "3"],  # as deep as the decoder: one pass of it costs little in a parallel predictor
     "lp4": ["--latent-layers", "4"],
     "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only
     "T03": ["--soft-em-temperature", "0.3"],

@@ -86,6 +86,12 @@ def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("bottleneck", ["vq", "em"])
+def test_a_soft_em_temperature_out_of_range_is_an_error_naming_the_option(tmp_path, bottleneck):
+    with pytest.raises(ValueError, match="--soft-em-temperature must be a positive finite number, got -1"):
+        _model(tmp_path, ["--bottleneck", bottleneck, "--soft-em-temperature", "-1"])
+
+
 def test_glancing_ratio_is_checked(tmp_path):
     with pytest.raises(ValueError, match="latent-glancing-ratio must be in"):
         _model(tmp_path, PARALLEL + ["--latent-glancing-ratio", "1.5"])

@@ -260,6 +260,12 @@ def test_experiments_levers_trains_a_combo_and_diagnoses_it(prepared):
     assert (cfg.latent_predictor, cfg.num_codes) == ("parallel", 64)
     row = [json.loads(line) for line in open(os.path.join(work, "results.jsonl"))][-1]
     assert row["label"] == "par+K64" and 0.0 <= row["lp_end_acc"] <= 1.0 and 1 <= row["codes_ae"] <= 64
+    # table1's deep-encoder / shallow-decoder AR: 6 + 1 layers of the teacher's width
+    py("scripts/experiments.py", "table1", "--data", data_bin, "--distill", data_bin, "--raw", raw, "--work", work,
+       "--max-update", "1", "--max-tokens", "500", "--only", "ar-e6d1-distill", "--no-decode")
+    cfg = torch.load(os.path.join(work, "ar-e6d1-distill", "checkpoint_last.pt"), map_location="cpu",
+                     weights_only=False)["cfg"]["model"]
+    assert (cfg.encoder_layers, cfg.decoder_layers, cfg.encoder_embed_dim) == (6, 1, 128)
     ars = []
     for layers in (("3", "3"), ("6", "1")):
         save = os.path.join(work, "ar" + "".join(layers))

@@ -74,6 +74,9 @@ def annealed_temperature(step: int, start: float, anneal_updates: int) -> float:
 def build_bottleneck(args, dim: int) -> nn.Module:
     kind = args.bottleneck
     if kind in ("vq", "em"):
+        t = args.soft_em_temperature
+        if not 0.0 < t < float("inf"):  # T <= 0 would assign every latent to its farthest code
+            raise ValueError(f"--soft-em-temperature must be a positive finite number, got {t}")
         return VectorQuantizer(
             num_codes=args.num_codes,
             dim=dim,

@@ -79,6 +79,11 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not init_std > 0.0:
             raise ValueError(f"init_std must be > 0, got {init_std}")
+        if not 0.0 < temperature < float("inf"):  # T <= 0 would pick the farthest codes
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        if not (epsilon >= 0.0 and beta >= 0.0 and dead_code_threshold >= 0.0):
+            raise ValueError(f"epsilon, beta and dead_code_threshold must be >= 0, got {epsilon}, {beta}, "
+                             f"{dead_code_threshold}")
         self.num_codes = num_codes
         self.dim = dim
         self.assignment = assignment
