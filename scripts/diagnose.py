@@ -91,7 +91,7 @@ def main(argv=None):
             predictor = dec.latent_predictor
             if predictor.parallel:  # one pass at the reference's length; "END" = the length classifier is right
                 pred = predictor(latents, pad, enc)[0].argmax(-1)  # (B, L, blocks)
-                end_right += int((predictor.length_logits(enc).argmax(-1) == lengths).sum())
+                end_right += int((predictor.predicted_lengths(enc, predictor.max_latents)[0] == lengths).sum())
             else:  # teacher-forced: position j predicts code j from the codes before it, L_i predicts END
                 pred = predictor(latents, pad, enc).argmax(-1)  # (B, L + 1, blocks)
                 end_right += int((pred[torch.arange(len(ids)), lengths, 0] == predictor.end).sum())

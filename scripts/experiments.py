@@ -179,6 +179,9 @@ def lever_run(combo, distilled=False, seed=1):
     unknown = [k for k in keys if k not in LEVERS]
     if unknown:
         sys.exit(f"experiments.py: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    if any(k in ("g0", "g03") for k in keys) and "par" not in keys:
+        sys.exit(f"experiments.py: lever(s) g0/g03 set the parallel predictor's glancing: combine them with par "
+                 f"(e.g. par+g0), not {combo!r}")
     base = lt_run("em", distilled=distilled, seed=seed)
     extra = [a for k in keys for a in LEVERS[k]]
     name = f"lever-{combo}-{'distill' if distilled else 'raw'}-s{seed}"

@@ -45,7 +45,7 @@ def test_glancing_count_and_random_positions_against_a_hand_computation():
     np.testing.assert_allclose(seen / 400, 0.4, atol=0.08)
 
 
-def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_the_loss(tmp_path):
+def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_the_loss(tmp_path, monkeypatch):
     task, model, criterion = _model(tmp_path, PARALLEL + ["--latent-glancing-ratio", "0.5"])
     lp = model.decoder.latent_predictor
     assert lp.parallel and lp.predict_length
@@ -66,11 +66,16 @@ def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_
     assert glanced.sum(1).tolist() == [math.ceil(0.5 * w) for w in wrong.tolist()]
     assert not (glanced & pad).any()
     assert logits.shape == (*pad.shape, 1, dec.num_codes)  # K codes, no END
-    # the glanced inputs are the reference latents: their positions' outputs change with those latents
-    lp.eval()
-    with torch.no_grad():
-        plain = lp(latents, pad, enc)[0]
-    assert not torch.allclose(plain, logits)
+    # the second pass's inputs: the reference latent at the glanced positions, the copied source elsewhere
+    seen = []
+    original = lp._pass
+    monkeypatch.setattr(lp, "_pass", lambda x, *a: seen.append(x.detach().clone()) or original(x, *a))
+    torch.manual_seed(5)
+    _, again = lp(latents, pad, enc, reference=ref.unsqueeze(-1))
+    assert torch.equal(again, glanced) and len(seen) == 2
+    copy = lp._inputs(enc, (~pad).sum(1), pad.size(1))
+    assert torch.equal(seen[0], copy)
+    torch.testing.assert_close(seen[1], torch.where(glanced.unsqueeze(-1), latents, copy), atol=0, rtol=0)
 
     # through the model's training forward: glanced positions and padding are no target
     model.train()
@@ -155,20 +160,20 @@ def test_length_beam_of_one_is_plain_decoding_and_wider_beams_pick_the_best_mean
             out = model.decoder.generate(enc1, int(limit), latent_budget=(limit + f - 1) // f, token_budget=limit,
                                          latent_lengths=top[i, j : j + 1])
             cands.append((int(top[i, j]), out))
-        assert len(hyp[0]["latents"]) in [c[0] for c in cands]
-        assert hyp[0]["score"].item() >= max(
-            _mean_score(c[1], d) for c in cands) - 1e-4
+        chosen = [c for c in cands if c[0] == len(hyp[0]["latents"])]
+        assert chosen and torch.equal(chosen[0][1][3][0, : len(hyp[0]["latents"])], hyp[0]["latents"])
+        assert _mean_score(chosen[0][1], d) == pytest.approx(max(_mean_score(c[1], d) for c in cands), abs=1e-5)
     with pytest.raises(ValueError, match="latent-length-beam needs a model with a length classifier"):
         task2, ar, _ = _model(tmp_path / "ar", ["--bottleneck", "em"])
         LatentGenerator(d, length_beam=2).generate([ar.eval()], sample)
 
 
 def _mean_score(out, d):
+    """Mean log-probability of the emitted tokens: up to and with the first EOS, else the whole span."""
     tokens, scores = out[0][0], out[1][0]
     is_eos = tokens.eq(d.eos())
     end = int(is_eos.int().argmax()) + 1 if bool(is_eos.any()) else int(tokens.ne(d.pad()).sum())
-    count = end + (0 if bool(is_eos.any()) else 1)
-    return float(scores[:end].sum()) / count
+    return float(scores[:end].sum()) / end
 
 
 # ------------------------------------------------------------------------------------------- the one END policy
@@ -216,6 +221,35 @@ def test_greedy_and_beam_of_one_share_the_policy_and_score_the_models_own_log_pr
     torch.testing.assert_close(g_scores, want, atol=1e-4, rtol=1e-5)
 
 
+def test_latent_beam_hypotheses_carry_the_beams_own_latent_scores(tmp_path):
+    from vq_nat.latent_generator import LatentGenerator
+
+    task, model, _ = _model(tmp_path, ["--bottleneck", "em", "--num-samples", "3"])
+    model.eval()
+    d = task.target_dictionary
+    sample = make_sample(d, [3, 11, 6, 17, 1], seed=3)
+    hyps = LatentGenerator(d, max_len_a=1.2, max_len_b=10, latent_beam=3).generate([model], sample)
+    enc = _encode(model, sample)
+    f = model.decoder.factor
+    limits = (1.2 * sample["net_input"]["src_lengths"].float() + 10).long()
+    lp = model.decoder.latent_predictor
+    codes, pad, scores = lp.beam_search(enc, model.decoder.bottleneck.embed_codes,
+                                        model.decoder.latent_limit(int(limits.max())), 5, 3,
+                                        budgets=(limits + f - 1) // f)
+    for i, h in enumerate(hyps):
+        n = int((~pad[3 * i]).sum())
+        assert torch.equal(h[0]["latents"], codes[3 * i, :n])
+        assert h[0]["latent_score"].item() == pytest.approx(scores[3 * i].item(), abs=1e-5)
+        assert h[0]["latent_score"].item() < 0.0
+    # each sentence's END is forced at its own budget, never at the batch's: the beam is batch-invariant
+    gen = LatentGenerator(d, max_len_a=1.2, max_len_b=10, latent_beam=3)
+    for i, h in enumerate(hyps):
+        single = {**sample, "net_input": {n: v[i : i + 1] for n, v in sample["net_input"].items()},
+                  "target": sample["target"][i : i + 1]}
+        (one,) = gen.generate([model], single)
+        assert torch.equal(one[0]["tokens"], h[0]["tokens"]) and torch.equal(one[0]["latents"], h[0]["latents"])
+
+
 def test_oracle_and_parallel_decoding_respect_the_length_budget_and_no_empty_latents(tmp_path):
     from vq_nat.latent_generator import LatentGenerator
 
@@ -261,8 +295,8 @@ def test_parallel_trains_with_fairseq_train_and_decodes_batch_invariantly(data_b
     h1 = hypotheses(generate(data_bin, ckpt, ["--batch-size", "1", "--max-len-b", "40"]))
     h64 = hypotheses(generate(data_bin, ckpt, ["--batch-size", "64", "--max-len-b", "40"]))
     assert sorted(h1) == list(range(21)) and h1 == h64
-    hl = hypotheses(generate(data_bin, ckpt, ["--batch-size", "64", "--max-len-b", "40",
-                                              "--latent-length-beam", "3"]))
-    assert sorted(hl) == list(range(21))
+    beam = ["--max-len-b", "40", "--latent-length-beam", "3"]
+    hl = hypotheses(generate(data_bin, ckpt, ["--batch-size", "64"] + beam))
+    assert sorted(hl) == list(range(21)) and hl == hypotheses(generate(data_bin, ckpt, ["--batch-size", "1"] + beam))
     out = interactive(data_bin, ckpt, ["w1 w2 w3", "", "w4 w5 w6 w7"])
     assert sorted(hypotheses(out)) == [0, 1, 2]

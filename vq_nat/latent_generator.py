@@ -21,8 +21,8 @@ predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by 
 
 Length beam (``length_beam`` = l > 1, ``--latent-length-beam``; models with a length classifier, e.g.
 ``--latent-predictor parallel``): the l most probable numbers of latents of every sentence are each predicted and
-decoded, all in one batch of B·l rows, and the hypothesis with the best mean token log-probability is returned
-(the model's own score, as fairseq NAT's ``--iter-decode-with-beam``); l = 1 is plain decoding.
+decoded, all in one batch of B·l rows, and the hypothesis with the best mean log-probability of its emitted tokens
+is returned (the model's own score, as fairseq NAT's ``--iter-decode-with-beam``); l = 1 is plain decoding.
 
 Latent length (``latent_end_penalty`` P, ``--latent-end-penalty``): the latent predictor's END is chosen as if its
 log-probability were lower by P, so P > 0 gives longer latent sequences (and outputs), P < 0 shorter ones; the
@@ -150,6 +150,8 @@ class LatentGenerator:
             sample=sample_rows, token_budget=limits, end_penalty=self.latent_end_penalty,
             latent_lengths=lengths, **given,
         )
+        if beam_scores is not None:  # the beam's own scores of the latents it chose
+            latent_scores = beam_scores
         # each hypothesis ends at its first EOS (kept), else at the end of its span (EOS appended)
         spans = tokens.ne(self.pad).sum(1)  # the decoder fills each span (latents x 2^nc, <= limit)
         is_eos = tokens.eq(self.eos)
@@ -162,9 +164,10 @@ class LatentGenerator:
             if self.teacher is not None:  # NPD / rescored latent beam: the teacher's mean token log-probability
                 targets = self.candidates(tokens, ends, with_eos)
                 choice = teacher_scores = self.rescore(src_tokens, src_lengths, targets, k)
-            else:  # length beam: the model's own mean token log-probability (of the hypothesis dict's tokens)
+            else:  # length beam: the model's own mean log-probability of the tokens it emitted (an EOS appended
+                # to a span without one has no score of its own and does not count)
                 used = torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) < ends.unsqueeze(1)
-                choice = (scores * used).sum(1) / (ends + (~with_eos).long()).float()
+                choice = (scores * used).sum(1) / ends.clamp(min=1).float()
                 choice = choice.masked_fill(~length_ok, float("-inf"))
             best = choice.view(-1, k).argmax(1)
             rows = (torch.arange(best.numel(), device=best.device) * k + best).tolist()

@@ -82,8 +82,10 @@ class LatentVQCriterion(FairseqCriterion):
             nll = SoftmaxNLL.apply(logits, target[real])
             recon = nll
 
-        # latent predictor: cross-entropy against one-hot / averaged sample one-hots, END included
-        lp_targets = out["latent_targets"]  # (B, L + 1, blocks, K + 1)
+        # latent predictor: cross-entropy against one-hot / averaged sample one-hots; autoregressive: END included,
+        # (B, L + 1, blocks, K + 1); parallel: (B, L, blocks, K), glanced positions all-zero (neither loss nor
+        # lp_acc counts them; diagnose.py gives the accuracy of a pass without glancing)
+        lp_targets = out["latent_targets"]
         lp_lprobs = F.log_softmax(out["latent_logits"].float(), dim=-1)
         lp_valid = lp_targets.sum(-1) > 0  # (B, L + 1, blocks)
         lp_loss = -(lp_targets * lp_lprobs).sum(-1).masked_fill(~lp_valid, 0.0).sum()

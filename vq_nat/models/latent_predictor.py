@@ -34,26 +34,30 @@ def causal_mask(length: int, device) -> Tensor:
 
 
 def end_policy(lprobs: Tensor, t: int, end: int, max_latents: int, end_penalty: float = 0.0,
-               lengths: Optional[Tensor] = None) -> Tensor:
+               lengths: Optional[Tensor] = None, budgets: Optional[Tensor] = None) -> Tensor:
     """The one set of rules for where END may stand in a latent sequence, for greedy decoding, sampling and beam
     search alike. ``lprobs`` (R, K + 1): the model's log-probabilities of block 0 at step ``t``; returns the
     scores the choice is made by (a new tensor; the model's own log-probabilities are what is scored):
 
     - t = 0: no END (every target has at least one token, so at least one latent);
-    - t = ``max_latents`` (the budget), or t >= L with predicted lengths L (R,): END only;
+    - t = ``max_latents``, or t >= a row's own ``budgets`` (R,), or t >= its predicted length ``lengths`` (R,):
+      END only (so a sentence's latents never depend on the other sentences of its batch);
     - t < L with predicted lengths: no END;
     - otherwise END is chosen as if its log-probability were lower by ``end_penalty`` (``--latent-end-penalty``).
     """
     choose = lprobs.clone()
     if t == 0:
         choose[:, end] = float("-inf")
-    if t == max_latents:
-        choose[:, :end] = float("-inf")
-    elif lengths is not None:
-        choose[:, end] = choose[:, end].masked_fill(t < lengths, float("-inf"))
-        choose[:, :end] = choose[:, :end].masked_fill((t >= lengths).unsqueeze(1), float("-inf"))
+    forced = torch.full_like(choose[:, end], t >= max_latents, dtype=torch.bool)
+    if budgets is not None:
+        forced |= t >= budgets.clamp(min=1)
+    if lengths is not None:
+        forced |= t >= lengths
+        choose[:, end] = choose[:, end].masked_fill(~forced, float("-inf"))
     elif end_penalty != 0.0 and t > 0:
         choose[:, end] -= end_penalty
+    choose[:, end] = torch.where(forced, lprobs[:, end], choose[:, end])
+    choose[:, :end] = choose[:, :end].masked_fill(forced.unsqueeze(1), float("-inf"))
     return choose
 
 
@@ -197,7 +201,7 @@ class LatentPredictor(LatentPredictorBase):
         """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents``
         codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from
         softmax(choice scores / temperature) (the candidates of noisy parallel decoding). Where END may stand is
-        ``end_policy``'s rule (``end_penalty``, the budget, predicted lengths).
+        ``end_policy``'s rule (``end_penalty``, each row's ``budgets``, predicted lengths).
 
         With a length classifier the number of latents is its choice (at most ``budgets`` (B,) where given), or
         ``lengths`` (B,) where given (a length beam), and its log-probability is part of the score.
@@ -216,9 +220,10 @@ class LatentPredictor(LatentPredictorBase):
             logits = self.step(prev, t, encoder_out, incremental_state, lengths=target_lengths)
             lprobs = F.log_softmax(logits.float(), dim=-1)
             choose = lprobs.clone()
-            choose[:, 0] = end_policy(lprobs[:, 0], t, self.end, max_latents, end_penalty, target_lengths)
+            choose[:, 0] = end_policy(lprobs[:, 0], t, self.end, max_latents, end_penalty, target_lengths, budgets)
+            choose[:, 1:, self.end] = float("-inf")  # END is block 0's symbol: the other blocks pick codes
             idx = choose.argmax(-1)  # (B, num_blocks)
-            if sample is not None:
+            if sample is not None and t < max_latents:  # at the budget END is forced: nothing to draw
                 drawn = torch.multinomial(
                     F.softmax(choose.flatten(0, 1) / temperature, dim=-1), 1
                 ).view_as(idx)
@@ -269,6 +274,7 @@ class LatentPredictor(LatentPredictorBase):
         enc = _reorder(encoder_out, order)
         predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets)
         row_lengths = None if predicted is None else predicted[0][order]
+        row_budgets = None if budgets is None else budgets[order]
         codes = torch.zeros(rows, 0, dtype=torch.long, device=device)
         search = torch.zeros(batch_size, k, device=device)  # summed choice scores: what the beam ranks by
         search[:, 1:] = float("-inf")  # all beams start equal: only the first one is expanded at step 0
@@ -280,7 +286,7 @@ class LatentPredictor(LatentPredictorBase):
             latents = embed_codes(codes.clamp(max=self.num_codes - 1)).to(self.start.dtype)
             logits = self.forward(latents, pad, enc, lengths=row_lengths)[:, t, 0]  # (rows, K + 1): next symbol
             lprobs = F.log_softmax(logits.float(), dim=-1)
-            choose = end_policy(lprobs, t, self.end, max_latents, end_penalty, row_lengths)
+            choose = end_policy(lprobs, t, self.end, max_latents, end_penalty, row_lengths, row_budgets)
             # finished sequences continue with END only, at no cost
             choose = torch.where(done.unsqueeze(1), torch.full_like(choose, float("-inf")), choose)
             choose[done, self.end] = 0.0
