@@ -97,6 +97,22 @@ def test_a_soft_em_temperature_out_of_range_is_an_error_naming_the_option(tmp_pa
         _model(tmp_path, ["--bottleneck", bottleneck, "--soft-em-temperature", "-1"])
 
 
+def test_the_one_pass_preset(tmp_path, monkeypatch):
+    """``--arch latent_transformer_tiny_onepass``: the parallel predictor, K=64, 3 latent-predictor layers."""
+    import fairseq_helpers
+
+    # the test sizes, with the preset's own K and latent-predictor depth (no --num-codes / --latent-layers)
+    tiny = fairseq_helpers.TINY
+    own = {i for i, a in enumerate(tiny) if a in ("--num-codes", "--latent-layers")}
+    flags = [a for i, a in enumerate(tiny) if i not in own and i - 1 not in own]
+    flags[flags.index("latent_transformer_tiny")] = "latent_transformer_tiny_onepass"
+    monkeypatch.setattr(fairseq_helpers, "TINY", flags)
+    task, model, _ = build_task_and_model(str(tmp_path / "d"), [], vocab=20)
+    lp = model.decoder.latent_predictor
+    assert lp.parallel and lp.num_codes == 64 and len(lp.layers) == 3 and lp.glancing_ratio == 0.5
+    assert model.decoder.bottleneck.num_codes == 64 and model.args.num_compress_steps == 3  # the test sizes' nc
+
+
 def test_glancing_ratio_is_checked(tmp_path):
     with pytest.raises(ValueError, match="latent-glancing-ratio must be in"):
         _model(tmp_path, PARALLEL + ["--latent-glancing-ratio", "1.5"])

@@ -260,6 +260,17 @@ def test_experiments_levers_trains_a_combo_and_diagnoses_it(prepared):
     assert (cfg.latent_predictor, cfg.num_codes) == ("parallel", 64)
     row = [json.loads(line) for line in open(os.path.join(work, "results.jsonl"))][-1]
     assert row["label"] == "par+K64" and 0.0 <= row["lp_end_acc"] <= 1.0 and 1 <= row["codes_ae"] <= 64
+    # score.py scores a checkpoint as the tables do: the same BLEU as diagnose.py's greedy decoding
+    ref = os.path.join(raw, "valid.de")
+    p = py("scripts/score.py", data_bin, "--path", par, "--subset", "valid", "--ref", ref, "--", "--cpu")
+    sig, bleu = p.stdout.splitlines()[-2:]
+    assert sig.startswith("signature nrefs:1|case:mixed") and float(bleu.split()[2]) == pytest.approx(row["bleu"])
+    out = os.path.join(work, "par.valid.txt")
+    py("scripts/score.py", data_bin, "--path", par, "--subset", "valid", "--ref", ref, "--out", out, "--", "--cpu",
+       "--latent-length-beam", "2")
+    assert sum(line.startswith("H-") for line in open(out)) == 8
+    p = py("scripts/score.py", data_bin, "--path", par, "--subset", "valid", "--ref", ref, "--out", out, check=False)
+    assert p.returncode != 0 and "exists; pass --overwrite" in p.stderr
     # table1's deep-encoder / shallow-decoder AR: 6 + 1 layers of the teacher's width
     py("scripts/experiments.py", "table1", "--data", data_bin, "--distill", data_bin, "--raw", raw, "--work", work,
        "--max-update", "1", "--max-tokens", "500", "--only", "ar-e6d1-distill", "--no-decode")
