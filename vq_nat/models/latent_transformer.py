@@ -621,7 +621,8 @@ def latent_transformer_tiny(args):
 def latent_transformer_tiny_onepass(args):
     """``latent_transformer_tiny`` with the one-pass latent predictor (``--latent-predictor parallel``): a length
     classifier, then all codes in one pass of a 3-layer non-causal predictor (as deep as the decoder: one pass of it
-    costs little), trained with glancing on the latents (R=0.5), over K=64 codes (both chosen on Multi30k valid,
-    see examples/multi30k/README.md). Decoding has no sequential loop."""
+    costs little), trained with glancing on the latents (R=0.5). K=64 codes: on Multi30k valid with greedy
+    decoding K=64 was ahead of K=512 at 2,000 and 4,000 updates (examples/multi30k/README.md). Decoding has no
+    sequential loop."""
     _latent_defaults(args, latent_predictor="parallel", num_codes=64, latent_layers=3)
     latent_transformer_tiny(args)
