@@ -21,7 +21,8 @@ parallel decoding (K latent candidates, rescored by the first AR model of ``--ar
 
 Several ``--lt-path`` (e.g. an autoregressive- and a parallel-predictor LT) and several ``--ar-path`` (e.g. the 3+3
 teacher and the 6-encoder / 1-decoder AR) are timed in the same rounds; each model is named by its kind and
-layers (``LT par 3+3``, ``AR 6+1 greedy``), and every ratio is against the first LT of the same round. The last
+size (``LT par K64`` for a one-pass latent predictor over 64 codes, ``LT ar-pred K512``, ``AR 6+1 greedy``), and
+every ratio is against the first LT of the same round. The last
 line's speedup is the first AR's greedy time over the first LT's.
 """
 import argparse
@@ -142,7 +143,7 @@ def main(argv=None):
     for models, cfg, task in lts:
         m = cfg.model
         kind = "par" if getattr(m, "latent_predictor", "autoregressive") == "parallel" else "ar-pred"
-        name = unique(runners, "LT" if len(lts) == 1 else f"LT {kind} {m.encoder_layers}+{m.decoder_layers}")
+        name = unique(runners, "LT" if len(lts) == 1 else f"LT {kind} K{m.num_codes}")
         runners[name] = (task, task.build_generator(models, gen_args), models)
     lt_name = next(iter(runners))
     lt_models, _, lt_task = lts[0]

@@ -288,8 +288,8 @@ def test_experiments_levers_trains_a_combo_and_diagnoses_it(prepared):
     p = py("scripts/bench_decode.py", data_bin, "--lt-path", par, os.path.join(work, name, "checkpoint_last.pt"),
            "--ar-path", *ars, "--repeats", "1", "--max-sentences", "2", "--batch-sizes", "2", "--ar-beams", "1",
            "--cpu")
-    for model in ("LT ar-pred 3+3", "AR 3+3 greedy", "AR 6+1 greedy"):
-        assert re.search(rf"^ratio batch2: {re.escape(model)} / LT par 3\+3 = \d+\.\d\d", p.stdout, re.M), p.stdout
+    for model in ("LT ar-pred K512", "AR 3+3 greedy", "AR 6+1 greedy"):
+        assert re.search(rf"^ratio batch2: {re.escape(model)} / LT par K64 = \d+\.\d\d", p.stdout, re.M), p.stdout
     assert re.fullmatch(r"speedup batch2=\d+\.\d\d", p.stdout.splitlines()[-1]), p.stdout
 
 
