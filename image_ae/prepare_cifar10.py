@@ -1,6 +1,6 @@
 """Extract the CIFAR-10 JPEG tarballs into an ImageFolder tree usable as ``--dataset cifar10 --data-dir DEST``.
 
-    python -m image_ae.prepare_cifar10 --src /work/shared/data/cifar10 --dest data/cifar10_jpg
+    python -m image_ae.prepare_cifar10 --src ../shared/data/cifar10 --dest data/cifar10_jpg
 
 ``cifar10_train.jpg.tar.gz`` holds ``train/<class>/NNNN.jpg`` and ``cifar10_test.jpg.tar.gz`` holds
 ``test/<class>/NNNN.jpg``.  When ``SRC/SHA256SUMS`` exists the tarballs are checked against it first.
