@@ -48,6 +48,8 @@ setup(
     description="Discrete-latent non-autoregressive translation (VQ-VAE, hard/soft EM) as a fairseq plugin",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
+    license="MIT",
+    classifiers=["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3"],
     python_requires=">=3.9",
     packages=find_packages(include=["vq_nat", "vq_nat.*", "image_ae", "image_ae.*"]),
     install_requires=TORCH + FAIRSEQ + RUNTIME,

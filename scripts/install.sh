@@ -6,7 +6,7 @@
 # Why a script and not `pip install -e .`: fairseq 0.12.2 does not import on Python 3.11, so we use the
 # patched fork `fairseq-fixed`, which must be built with `--no-deps --no-build-isolation` against the torch
 # installed here (its C++ extensions link against that exact torch, and its declared dependencies pin
-# omegaconf 2.0.x / torchaudio, which do not work on 3.11). See ../shared/INSTALL-NOTES.md.
+# omegaconf 2.0.x / torchaudio, which do not work on 3.11).
 #
 # Idempotent: a stamp file records a hash of the install inputs; when nothing changed and the imports work,
 # the script returns in a few seconds.
@@ -16,7 +16,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$here/.venv}"
 python="${PYTHON:-python3}"
 
-# versions that work together on Python 3.11 (measured; see INSTALL-NOTES)
+# versions that work together on Python 3.11
 TORCH_PKGS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PKGS=(numpy cython setuptools wheel)
 FAIRSEQ_PKG=fairseq-fixed==0.12.3.1
