@@ -105,22 +105,22 @@ def unique(names, name: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data")
+    p.add_argument("data", help="fairseq-preprocess directory")
     p.add_argument("--lt-path", required=True, nargs="+", help="latent_transformer checkpoint(s)")
     p.add_argument("--ar-path", required=True, nargs="+",
                    help="autoregressive checkpoint(s); the first rescores --lt-npd and gives the speedup line")
-    p.add_argument("--gen-subset", default="test")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--gen-subset", default="test", help="split to decode")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes (sentences) to time")
     p.add_argument("--max-sentences", type=int, default=200,
                    help="about this many sentences per model and round, in batches evenly spaced over the split")
-    p.add_argument("--ar-beams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--ar-beams", type=int, nargs="+", default=[1, 4], help="beam sizes of the AR models")
     p.add_argument("--lt-npd", type=int, nargs="*", default=[], metavar="K",
                    help="also time the LT with noisy parallel decoding of K candidates, the AR model rescoring")
-    p.add_argument("--max-len-a", type=float, default=1.2)
-    p.add_argument("--max-len-b", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--max-len-a", type=float, default=1.2, help="length budget: a x source length + b")
+    p.add_argument("--max-len-b", type=int, default=10, help="length budget: a x source length + b")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is visible")
     args = p.parse_args(argv)
 
     import vq_nat
@@ -162,7 +162,8 @@ def main(argv=None):
             if beam == 1:
                 greedy.append(name)
 
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    where = f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else "cpu"
+    print(f"device={where} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"subset={args.gen_subset} repeats={args.repeats} (+1 warm-up)")
     ratios = {}  # (name, batch size) -> per-round time / LT's time in the same round
     for bs in args.batch_sizes:

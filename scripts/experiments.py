@@ -10,13 +10,20 @@
     python scripts/experiments.py curve --data BIN --distill DISTILL_BIN --raw RAW --work DIR --subset valid \
         --only nat-distill                           # valid BLEU of each kept checkpoint, for plot_curves.py
     python scripts/experiments.py report --work DIR          # tables (markdown) from what has run so far
+    python scripts/experiments.py table1 ... [--cpu] [--generate-args="--fp16"] [--dry-run] -- --fp16 --update-freq 2
 
 ``BIN`` comes from ``scripts/prepare-data.sh``/``prepare-multi30k.sh`` (``RAW`` is its raw directory, holding the
 untokenized ``test.<tgt>`` references), ``DISTILL_BIN`` from ``scripts/distill.sh``. Every run is a plain
 ``fairseq-train`` / ``fairseq-generate`` command (printed before it runs) and is resumable: a run whose last
 checkpoint has reached ``--max-update`` is not trained again, a decoded output that exists is not decoded again,
-so rerunning the same command continues where it stopped. All models get the same size (d=128, ffn 256, 4 heads,
-3+3 layers, shared embeddings), optimizer, batch size (``--max-tokens``) and number of updates.
+so rerunning the same command continues where it stopped. All models get the same size (the ``tiny`` preset of
+``vq_nat/models/presets.py``: d=128, ffn 256, 4 heads, 3+3 layers, shared embeddings), optimizer, batch size
+(``--max-tokens``) and number of updates.
+
+Devices: fairseq trains and decodes on the GPU(s) it sees and on the CPU otherwise; ``--cpu`` forces the CPU.
+Options after ``--`` are appended to every fairseq-train command (so they win: ``-- --fp16 --update-freq 2``,
+``--distributed-world-size 4``); ``--generate-args="..."`` is appended to every fairseq-generate command.
+``--dry-run`` prints the commands without running anything.
 
 Scores: sacreBLEU on detokenized (sacremoses), cased output against the raw references; latency: fairseq-generate's
 own total for the test set (model time, not data loading) divided by the number of sentences, at batch size 1
@@ -35,14 +42,22 @@ from typing import List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(ROOT, "vq_nat")
 
-SIZE = [
-    "--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
-    "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-    "--encoder-layers", "3", "--decoder-layers", "3", "--share-all-embeddings",
-]
+
+def _load_presets():
+    """vq_nat/models/presets.py read as a plain file: the size presets without importing fairseq."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vq_nat_presets", os.path.join(USER_DIR, "models", "presets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PRESETS = _load_presets()
+SIZE = PRESETS.size_flags("tiny") + ["--share-all-embeddings"]
 OPTIM = [
     "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
-    "--warmup-updates", "300", "--dropout", "0.1", "--num-workers", "0", "--no-progress-bar", "--cpu",
+    "--warmup-updates", "300", "--dropout", "0.1", "--num-workers", "0", "--no-progress-bar",
     "--no-epoch-checkpoints", "--log-format", "json",
 ]
 LENGTH = ["--max-len-a", "1.2", "--max-len-b", "10"]
@@ -80,8 +95,8 @@ def ar_run(distilled=False, encoder_layers=3, decoder_layers=3):
     """The AR transformer of the same width; 6 encoder + 1 decoder layers is the deep-encoder / shallow-decoder AR
     (Kasai et al. 2021), the fastest AR a user would pick, with the parameter count of the 3+3 model."""
     args = ["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy",
-            "--label-smoothing", "0.1"] + SIZE + ["--encoder-layers", str(encoder_layers),
-                                                  "--decoder-layers", str(decoder_layers)]
+            "--label-smoothing", "0.1", *PRESETS.size_flags("tiny", encoder_layers, decoder_layers),
+            "--share-all-embeddings"]
     name = "ar" if (encoder_layers, decoder_layers) == (3, 3) else f"ar-e{encoder_layers}d{decoder_layers}"
     what = "AR transformer" if name == "ar" else f"AR transformer {encoder_layers}+{decoder_layers}"
     return Run(name + ("-distill" if distilled else ""), "ar", distilled, args, {
@@ -200,8 +215,12 @@ def execute_levers(combos, args):
         data = args.distill or args.data
         ckpt = train(run, args, data)
         _, tgt = langs(data)
-        report = diagnose.main([data, "--path", ckpt, "--subset", args.subset, "--ref",
-                                os.path.join(args.raw, f"{args.subset}.{tgt}"), "--cpu"])
+        diagnose_args = [data, "--path", ckpt, "--subset", args.subset, "--ref",
+                         os.path.join(args.raw, f"{args.subset}.{tgt}")] + (["--cpu"] if args.cpu else [])
+        if args.dry_run:
+            print("+ (in-process) scripts/diagnose.py " + " ".join(shlex.quote(a) for a in diagnose_args), flush=True)
+            continue
+        report = diagnose.main(diagnose_args)
         row = dict(table="levers", label=combo, run=run.name, updates=num_updates(ckpt),
                    train_seconds=train_seconds(os.path.join(args.work, run.name)), kind="lt", **{
                        k: v for k, v in report.items() if k not in ("label", "path")})
@@ -266,7 +285,8 @@ def num_updates(checkpoint):
 
 def train(run, args, data):
     save = os.path.join(args.work, run.name)
-    os.makedirs(save, exist_ok=True)
+    if not args.dry_run:
+        os.makedirs(save, exist_ok=True)
     ckpt = os.path.join(save, "checkpoint_last.pt")
     done = num_updates(ckpt)
     if done >= args.max_update:
@@ -275,7 +295,11 @@ def train(run, args, data):
     cmd = ["fairseq-train", data, "--user-dir", USER_DIR, *run.train_args, *OPTIM,
            "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--save-dir", save,
            "--save-interval-updates", "500", "--keep-interval-updates", "-1" if args.keep_checkpoints else "1",
-           "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log")]
+           "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log"),
+           *(["--cpu"] if args.cpu else []), *args.train_extra]
+    if args.dry_run:
+        print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        return ckpt
     sh(cmd, log=os.path.join(save, "stdout.log"))
     return ckpt
 
@@ -299,12 +323,19 @@ def train_seconds(run_dir):
     return sum(float(x) for x in open(path).read().split()) if os.path.exists(path) else None
 
 
-def generate_once(path, data, ckpt, subset, batch_size, gen_args):
-    """fairseq-generate into ``path`` unless it is there already (written atomically: resumable)."""
+def generate_once(path, data, ckpt, subset, batch_size, gen_args, args=None):
+    """fairseq-generate into ``path`` unless it is there already (written atomically: resumable). ``args`` (the
+    parsed command line) adds ``--cpu`` when asked and the ``--generate-args``; with ``--dry-run`` the command is
+    printed only."""
     if not os.path.exists(path):
-        sh(["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", subset,
-            "--batch-size", str(batch_size), "--remove-bpe", "--cpu", "--num-workers", "0", *gen_args],
-           log=path + ".tmp")
+        cmd = ["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", subset,
+               "--batch-size", str(batch_size), "--remove-bpe", "--num-workers", "0", *gen_args]
+        if args is not None:
+            cmd += (["--cpu"] if args.cpu else []) + shlex.split(args.generate_args or "")
+            if args.dry_run:
+                print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+                return path
+        sh(cmd, log=path + ".tmp")
         os.replace(path + ".tmp", path)
     return path
 
@@ -313,7 +344,7 @@ def decode(run, label, gen_args, ckpt, data, args):
     """fairseq-generate at batch 64 (scored) and batch 1 (latency only)."""
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     return {bs: generate_once(os.path.join(args.work, run.name, f"gen.{slug}.b{bs}.txt"), data, ckpt, args.subset,
-                              bs, gen_args) for bs in (64, 1)}
+                              bs, gen_args, args) for bs in (64, 1)}
 
 
 def read_generate(path):
@@ -371,6 +402,8 @@ def execute(runs, args, table):
                 print(f"experiments.py: {label}: skipped until the AR model is trained", flush=True)
                 continue
             paths = decode(run, label, gen_args, ckpt, data, args)
+            if args.dry_run:
+                continue
             bleu, sig = score(paths[64], os.path.join(args.raw, f"{args.subset}.{tgt}"), tgt)
             row = dict(table=table, label=label, run=run.name, bleu=round(bleu, 2), signature=sig,
                        ms_b1=round(read_generate(paths[1])[1], 2), ms_b64=round(read_generate(paths[64])[1], 2),
@@ -403,10 +436,14 @@ def execute_curve(runs, args):
         points = []
         for update, f in ckpts:
             path = generate_once(os.path.join(save, f"gen.curve.{args.subset}.u{update}.txt"), data,
-                                 os.path.join(save, f), args.subset, 64, gen_args)
+                                 os.path.join(save, f), args.subset, 64, gen_args, args)
+            if args.dry_run:
+                continue
             bleu, _ = score(path, os.path.join(args.raw, f"{args.subset}.{tgt}"), tgt)
             points.append({"valid_num_updates": update, "valid_bleu": round(bleu, 2)})
             print(f"experiments.py: {run.name} update {update}: {args.subset} BLEU {bleu:.2f}", flush=True)
+        if args.dry_run:
+            continue
         with open(os.path.join(save, "valid_bleu.log"), "w") as out:
             out.writelines(json.dumps(pt) + "\n" for pt in points)
 
@@ -529,20 +566,38 @@ def plot_robustness(args, reseed=False):
         print(f"| {name} | {x} | {o:.2f} | {b:.2f} | {p:.1f} | {mx:.1f} | {info:.3f} |")
 
 
+def split_passthrough(argv):
+    """(this script's arguments, fairseq-train options after ``--``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table1", "ablations", "levers", "robustness", "curve", "report"])
+    argv, train_extra = split_passthrough(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s WHAT [options] [-- fairseq-train options]")
+    p.add_argument("what", choices=["table1", "ablations", "levers", "robustness", "curve", "report"],
+                   help="which experiment to run (see above); report: print the tables of what has run")
     p.add_argument("--data", help="fairseq-preprocess directory (scripts/prepare-data.sh)")
     p.add_argument("--distill", help="distilled directory (scripts/distill.sh)")
     p.add_argument("--raw", help="raw text directory with the untokenized references <subset>.<tgt>")
     p.add_argument("--work", required=True, help="directory for checkpoints, outputs and results.jsonl")
     p.add_argument("--max-update", type=int, default=1000, help="training budget of every model (updates)")
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=4096, help="fairseq-train's batch size in tokens, per GPU")
+    p.add_argument("--log-interval", type=int, default=50, help="fairseq-train's --log-interval (updates)")
     p.add_argument("--subset", default="test", help="split to decode and score")
+    p.add_argument("--cpu", action="store_true",
+                   help="train, decode and diagnose on the CPU even when a GPU is visible (fairseq's --cpu)")
+    p.add_argument("--generate-args", default="",
+                   help='extra fairseq-generate options for every decoding, one string: --generate-args="--fp16"')
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the fairseq-train / fairseq-generate commands and run nothing")
     p.add_argument("--only", nargs="*", help="table1, curve: run names; ablations: keys such as K1024 m1 nc4; "
                                              "levers: lever combinations; robustness: the bottlenecks vq and/or em")
-    p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
+    p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3], help="robustness: the seeds of the runs")
     p.add_argument("--seed", type=int, default=1, help="levers: the seed of the runs")
     p.add_argument("--no-decode", action="store_true", help="train only")
     p.add_argument("--keep-checkpoints", action="store_true",
@@ -564,7 +619,11 @@ def main(argv=None):
     p.add_argument("--kmeans-init", action="store_true",
                    help="robustness: k-means codebook init on the first batch (--kmeans-init), both bottlenecks")
     args = p.parse_args(argv)
-    os.makedirs(args.work, exist_ok=True)
+    args.train_extra = train_extra
+    if "--cpu" in train_extra:  # the same as this script's --cpu: decode and diagnose on the CPU too
+        args.cpu = True
+    if not args.dry_run:
+        os.makedirs(args.work, exist_ok=True)
     if args.what == "report":
         report(args)
         for reseed in (False, True):
@@ -601,7 +660,8 @@ def main(argv=None):
         runs = [r for r in robustness_runs(args, args.reseed) if not args.only
                 or r.name.split("-")[1] in args.only]  # lt-<bottleneck>-...
         execute(runs, args, "robustness")
-        plot_robustness(args, args.reseed)
+        if not args.dry_run:
+            plot_robustness(args, args.reseed)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def test_teacher_and_distillation(prepared):
     for f in ("train.en-de.en.bin", "train.en-de.de.bin", "valid.en-de.de.bin", "test.en-de.en.idx", "dict.de.txt"):
         assert os.path.exists(os.path.join(distilled, f)), f
     assert sum(1 for _ in open(os.path.join(distilled, "text", "train.de"))) == 60
-    p = run("scripts/distill.sh", data_bin, ckpt, distilled)  # resumable: the finished decoding is reused
+    # resumable: the finished decoding of the same teacher, data and beam is reused
+    p = run("scripts/distill.sh", data_bin, ckpt, distilled, "--beam", "2")
     assert "reusing" in p.stdout and "60 distilled pairs" in p.stdout
     p = run("scripts/distill.sh", data_bin, str(root / "missing.pt"), distilled, check=False)
     assert p.returncode != 0 and "no such checkpoint" in p.stderr
@@ -414,3 +415,49 @@ def test_quickstart_fails_loudly(tmp_path, failing):
     else:
         assert "fairseq-generate at batch 64 failed" in p.stderr and "FATAL ERROR" in p.stderr
         assert "sacreBLEU" not in p.stdout
+
+
+@pytest.mark.parametrize("cpu", ["0", "1"])
+def test_quickstart_ends_with_translations_next_to_references(tmp_path, cpu):
+    """The quickstart's last lines: BLEU, speed, then a few detokenized test translations next to their sources and
+    references. fairseq runs on whatever device it sees: ``--cpu`` only with CPU=1; TRAIN_ARGS / GENERATE_ARGS are
+    appended. The fairseq commands are stubs that record their arguments and print a generate output."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    calls = tmp_path / "calls.txt"
+    hyps = ["Ein Hund läuft .", "Zwei Männer @-@ Gruppe spielen .", "Eine Frau liest ."]
+    gen = "".join(f"S-{i}\tx\nT-{i}\tx\nH-{i}\t-0.5\t{h}\n" for i, h in enumerate(hyps))
+    gen += "2026-01-01 | INFO | fairseq_cli.generate | Translated 3 sentences (15 tokens) in 0.1s (30.00 sentences/s)\n"
+    (tmp_path / "gen.txt").write_text(gen)
+    (venv / "fairseq-train").write_text(f"#!/bin/bash\necho \"train $*\" >> {calls}\n")
+    (venv / "fairseq-generate").write_text(f"#!/bin/bash\necho \"generate $*\" >> {calls}\ncat {tmp_path / 'gen.txt'}\n")
+    for tool in venv.iterdir():
+        tool.chmod(0o755)
+    work = tmp_path / "work"
+    (work / "data" / "bin").mkdir(parents=True)
+    (work / "data" / "bin" / "dict.en.txt").write_text("")
+    (work / "data" / "raw").mkdir()
+    (work / "data" / "raw" / "test.en").write_text("A dog runs.\nTwo men play.\nA woman reads.\n")
+    refs = ["Ein Hund rennt.", "Zwei Männer-Gruppe spielt.", "Eine Frau liest."]
+    (work / "data" / "raw" / "test.de").write_text("".join(r + "\n" for r in refs))
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "checkpoint_last.pt").write_text("")
+    env = {**ENV, "VENV": str(tmp_path / "venv"), "WORK_DIR": str(work), "SHOW": "2", "CPU": cpu,
+           "TRAIN_ARGS": "--fp16 --update-freq 2", "GENERATE_ARGS": "--fp16"}
+    # the stubs must be the ones found, before any fairseq on PATH
+    env["PATH"] = str(venv) + os.pathsep + env["PATH"]
+    p = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "quickstart: 2 of the 3 test translations (detokenized), with their references:" in p.stdout
+    assert "  source     A dog runs.\n  LT         Ein Hund läuft.\n  reference  Ein Hund rennt." in p.stdout
+    assert "  LT         Zwei Männer-Gruppe spielen.\n  reference  Zwei Männer-Gruppe spielt." in p.stdout
+    assert "Eine Frau liest" not in p.stdout  # SHOW=2
+    recorded = calls.read_text().splitlines()
+    train = [c for c in recorded if c.startswith("train ")]
+    generate = [c for c in recorded if c.startswith("generate ")]
+    assert len(train) == 1 and len(generate) == 2
+    assert train[0].endswith("--fp16 --update-freq 2") and all(g.endswith("--fp16") for g in generate)
+    assert all((" --cpu" in c) == (cpu == "1") for c in recorded), recorded
+    p = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env={**env, "CPU": "yes"}, capture_output=True,
+                       text=True)
+    assert p.returncode != 0 and "CPU must be 0 or 1" in p.stderr
