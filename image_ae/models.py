@@ -187,8 +187,27 @@ class ImageAutoencoder(nn.Module):
         self.latent_norm = (nn.LayerNorm(config.code_dim, elementwise_affine=False) if config.latent_norm == "layer"
                             else nn.Identity())
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """``x`` is a float batch (B, C, S, S) of this model's channels and size, with pixels in [0, 1]."""
+        c = self.config
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"ImageAutoencoder: images must be a floating-point tensor with pixels in [0, 1], got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}; pass uint8 images as x.float() / 255")
+        want = (c.channels, c.image_size, c.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"ImageAutoencoder: images must have shape (B, {', '.join(map(str, want))}), got "
+                             f"{tuple(x.shape)}")
+        device = next(self.parameters()).device
+        if x.device != device:
+            raise ValueError(f"ImageAutoencoder: images are on {x.device} but the model is on {device}; move them "
+                             f"with x.to({str(device)!r})")
+        if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(f"ImageAutoencoder: pixels must be in [0, 1], got values in [{float(x.min()):g}, "
+                             f"{float(x.max()):g}]; divide 0-255 images by 255")
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) in [0, 1] -> z_e (B, h, w, L, code_dim)."""
+        self.check_images(x)
         h = self.encoder(x - 0.5)
         b, _, gh, gw = h.shape
         c = self.config

@@ -143,17 +143,21 @@ def plot(rows: List[dict], save_dir: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args, train_args = get_parser().parse_known_args(argv)
-    for bad in ("--seed", "--bottleneck", "--resume"):
+    for bad in ("--seed", "--bottleneck", "--resume", "--overwrite"):
         if any(a == bad or a.startswith(bad + "=") for a in train_args):
             raise SystemExit(f"{bad} is set per run by image_ae.robustness; do not pass it")
+    if not 0.0 < args.collapse_frac <= 1.0:
+        raise SystemExit(f"--collapse-frac must be in (0, 1], got {args.collapse_frac}")
+    if len(set(args.seeds)) != len(args.seeds) or len(set(args.bottlenecks)) != len(args.bottlenecks):
+        raise SystemExit(f"--seeds {args.seeds} and --bottlenecks {args.bottlenecks} must not repeat a value (each "
+                         f"pair is one run directory)")
     os.makedirs(args.save_dir, exist_ok=True)
     rows = []
     for seed in args.seeds:  # seed by seed, so an interrupted study has as many runs of each bottleneck
         for b in args.bottlenecks:
             run_dir = os.path.join(args.save_dir, f"{b}_seed{seed}")
             run_args = train_args + ["--bottleneck", b, "--seed", str(seed), "--save-dir", run_dir]
-            if not args.fresh:
-                run_args.append("--resume")
+            run_args.append("--overwrite" if args.fresh else "--resume")
             logger.info("=== %s seed %d -> %s", b, seed, run_dir)
             t = time.time()
             m = train_mod.main(run_args)

@@ -119,9 +119,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
     g = p.add_argument_group("output")
-    g.add_argument("--save-dir", default="checkpoints/image_ae")
+    g.add_argument("--save-dir", default="checkpoints/image_ae",
+                   help="created if missing; one that holds a run needs --resume or --overwrite")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help=f"continue from a checkpoint (no value: SAVE_DIR/{CHECKPOINT} if it exists)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start from scratch in a --save-dir that holds a run, deleting its checkpoint, logs and "
+                   "images")
     g.add_argument("--eval-interval", type=int, default=0, help="evaluate every N steps (0: every epoch); "
                    "always at the end")
     g.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: at each "
@@ -136,13 +140,131 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------------------------------------- options
+# (dest, lowest valid value, highest valid value or None, kind): checked before any work starts
+RANGES = (
+    ("image_size", 1, None, int), ("val_fraction", 0.0, 1.0, "open"), ("num_workers", 0, None, int),
+    ("num_samples", 1, None, int), ("num_codes", 1, None, int), ("code_dim", 1, None, int),
+    ("hidden_dim", 1, None, int), ("res_hidden_dim", 1, None, int), ("latents_per_position", 1, None, int),
+    ("num_downsample", 0, None, int), ("num_residual", 0, None, int), ("decay", 0.0, 1.0, "right-open"),
+    ("epsilon", 0.0, None, float), ("beta", 0.0, None, float), ("temperature", 0.0, None, "left-open"),
+    ("dead_code_threshold", 0.0, None, float), ("epochs", 0.0, None, "left-open"), ("max_steps", 0, None, int),
+    ("batch_size", 1, None, int), ("lr", 0.0, None, "left-open"), ("warmup_steps", 0, None, int),
+    ("lr_half_life", 0, None, int), ("weight_decay", 0.0, None, float), ("clip_norm", 0.0, None, float),
+    ("threads", 0, None, int), ("eval_interval", 0, None, int), ("save_interval", 0, None, int),
+    ("eval_samples", 0, None, int), ("eval_batch_size", 1, None, int), ("log_interval", 1, None, int),
+    ("num_recon", 0, None, int),
+)
+# options that change nothing unless another option is set: (dest, is it in effect?, why not)
+INTERACTIONS = (
+    ("num_samples", lambda a: a.bottleneck == "em", "--bottleneck vq takes the nearest code (one per latent)"),
+    ("decay", lambda a: a.update == "ema", "--codebook-update grad trains the codebook by gradient, not by EMA"),
+    ("epsilon", lambda a: a.update == "ema", "--codebook-update grad keeps no EMA counts to smooth"),
+    ("dead_code_threshold", lambda a: a.update == "ema", "--codebook-update grad keeps no EMA counts"),
+    ("num_workers", lambda a: a.no_cache, "the images are in memory without --no-cache"),
+)
+
+
+def option_name(dest: str) -> str:
+    for action in get_parser()._actions:
+        if action.dest == dest:
+            return action.option_strings[0]
+    return "--" + dest.replace("_", "-")
+
+
+def explicit_options(argv: List[str]) -> set:
+    """The dests of the options given on the command line (not left at their default)."""
+    p = get_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def check_args(args, given: set) -> None:
+    """Every option's range, and the options that would be silently ignored: an error (SystemExit) naming the
+    option and its valid range, or a warning naming the option that changes nothing and why."""
+    for dest, low, high, kind in RANGES:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if kind is int:
+            ok, bound = value >= low, f">= {low}"
+        else:
+            ok = math.isfinite(value) and (value > low if kind in ("left-open", "open") else value >= low)
+            if high is not None:
+                ok = ok and (value < high if kind in ("right-open", "open") else value <= high)
+            left = "(" if kind in ("left-open", "open") else "["
+            right = ")" if high is None or kind in ("right-open", "open") else "]"
+            bound = f"in {left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+        if not ok:
+            raise SystemExit(f"error: {option_name(dest)} must be {bound}, got {value}")
+    for dest, in_effect, why in INTERACTIONS:
+        if dest in given and not in_effect(args):
+            logger.warning("%s %s has no effect: %s", option_name(dest), getattr(args, dest), why)
+
+
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "train_log.jsonl", "config.json", "curves.png")
+
+
+def run_files(save_dir: str) -> List[str]:
+    """The files of a run in ``save_dir`` (checkpoint, logs, config, images)."""
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(f for f in os.listdir(save_dir)
+                  if f in RUN_FILES or (f.startswith("recon_") and f.endswith(".png")) or f == CHECKPOINT + ".tmp")
+
+
+def prepare_save_dir(args) -> List[str]:
+    """Create ``--save-dir`` (and its parents), or refuse to start over in one that holds a run: a run is
+    continued with ``--resume`` and replaced only with ``--overwrite``. Runs before any data is read; returns the
+    previous run's files that ``--overwrite`` replaces (deleted once the new model is built)."""
+    save_dir = args.save_dir
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues a run and --overwrite replaces it; pass one of them")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise SystemExit(f"error: --resume {args.resume}: no such checkpoint")
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise SystemExit(f"error: --save-dir {save_dir} is a file, not a directory; choose another --save-dir")
+    own = os.path.abspath(os.path.join(save_dir, CHECKPOINT))
+    continues_own_run = args.resume == "auto" or (args.resume and os.path.abspath(args.resume) == own)
+    found = run_files(save_dir)
+    if found and not continues_own_run:
+        if not args.overwrite:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            how = ("it would be overwritten by the run resumed from " + args.resume) if args.resume else \
+                "starting from scratch would replace it"
+            raise SystemExit(f"error: --save-dir {save_dir} already holds a run ({shown}); {how}. Pass --resume to "
+                             f"continue it, --overwrite to replace it, or choose another --save-dir")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create --save-dir {save_dir}: {e}")
+    return found if found and not continues_own_run else []
+
+
+def check_checkpoint(path: str, state) -> None:
+    """An image_ae checkpoint, or a one-line error naming what ``path`` is instead."""
+    if isinstance(state, dict) and all(k in state for k in ("step", "model", "optimizer", "rng", "args")) \
+            and isinstance(state["args"], dict) and "bottleneck" in state["args"]:
+        return
+    what = "not an image_ae checkpoint"
+    if isinstance(state, dict) and ("cfg" in state or "args" in state) and "model" in state:
+        what = "a fairseq checkpoint (translation model), not an image_ae one"
+    raise SystemExit(f"error: --resume {path} is {what}; pass the {CHECKPOINT} that image_ae.train wrote")
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device; pass auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -241,7 +363,8 @@ def evaluate(model: ImageAutoencoder, test, args, device: torch.device, step: in
             sq_err += float(((recon - x) ** 2).double().sum())
             pixels += x.numel()
             nearest += torch.bincount(model.nearest_codes(z_e).cpu(), minlength=k).double()
-            sampled += out.targets.reshape(-1, k).double().sum(0).cpu()
+            # the sampled codes' histogram (the sum of the targets, without building the N x K targets)
+            sampled += torch.bincount(out.codes.reshape(-1).cpu(), minlength=k).double() / model.quantizer.num_samples
             entropy_sum += float(out.posterior_entropy) * len(x)  # every image has the same number of latents
             images += len(x)
             here = shown[(shown >= offset) & (shown < offset + len(x))] - offset
@@ -334,27 +457,33 @@ def save_checkpoint(path: str, model, optimizer, step: int, args, device) -> Non
 
 def load_checkpoint(path: str) -> dict:
     # our own file (holds numpy/python RNG states): trusted, full unpickling
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt or not a torch file at all
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"it is corrupt or not a checkpoint: pass another --resume, or --overwrite to start over")
+    check_checkpoint(path, state)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> dict:
     """Train (or resume) and return the final evaluation's metrics."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        return _main(args)
+        return _main(args, explicit_options(argv))
     finally:
         torch.set_num_threads(threads)  # --threads only for this call (main() is also used as a library)
 
 
-def _main(args) -> dict:
-    if args.batch_size < 1 or (args.max_steps is not None and args.max_steps < 0):
-        raise SystemExit("--batch-size must be >= 1 and --max-steps >= 0")
-    os.makedirs(args.save_dir, exist_ok=True)
+def _main(args, given: set) -> dict:
     if not logger.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s", datefmt="%H:%M:%S")
+    check_args(args, given)
     device = resolve_device(args.device)
+    replaced = prepare_save_dir(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -366,8 +495,10 @@ def _main(args) -> dict:
             ckpt["args"].setdefault("latent_norm", "none")  # checkpoints from before --latent-norm
             for key in MODEL_KEYS:
                 old, new = ckpt["args"].get(key), getattr(args, key)
-                if key in ckpt["args"] and new is not None and old != new and key != "channels":
-                    logger.info("--resume: %s=%r from the checkpoint overrides %r", key, old, new)
+                if key in ckpt["args"] and new is not None and old != new and key != "channels" \
+                        and key in given:
+                    logger.warning("--resume: %s %r from the checkpoint overrides %r given on the command line "
+                                   "(a run keeps its model)", option_name(key), old, new)
                 if key in ckpt["args"]:
                     setattr(args, key, old)
             logger.info("resuming from %s at step %d", path, ckpt["step"])
@@ -402,21 +533,27 @@ def _main(args) -> dict:
                 "%d codes of dim %d", config.arch, config.bottleneck, count_parameters(model), config.grid,
                 config.grid, config.latents_per_position, config.num_latents, config.num_codes, config.code_dim)
 
+    if replaced:
+        logger.warning("--overwrite: deleting the previous run in %s (%s)", args.save_dir, ", ".join(replaced))
+        for f in replaced:
+            os.remove(os.path.join(args.save_dir, f))
     step = 0
     metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
     log_path = os.path.join(args.save_dir, "train_log.jsonl")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: the --resume checkpoint does not fit the model it describes "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); it was written by another version "
+                             f"of image_ae or edited: start a new run with --overwrite or another --save-dir")
         step = int(ckpt["step"])
         set_rng_state(ckpt["rng"], device)
         # drop log lines written after this checkpoint (an interrupted run's tail is redone)
         write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= step])
         write_jsonl(log_path, [r for r in read_jsonl(log_path) if r["step"] <= step])
-    else:
-        if os.path.exists(os.path.join(args.save_dir, CHECKPOINT)):
-            logger.info("starting from scratch in %s (no --resume): its checkpoint and logs are replaced",
-                        args.save_dir)
+    else:  # --resume found no checkpoint here: an unfinished run's logs are redone
         for p in (metrics_path, log_path):
             if os.path.exists(p):
                 os.remove(p)
@@ -468,7 +605,8 @@ def _main(args) -> dict:
 
         lv = float(loss.detach())
         if not math.isfinite(lv):
-            raise FloatingPointError(f"non-finite loss {lv} at step {step}")
+            raise FloatingPointError(f"non-finite loss {lv} at step {step} (the last checkpoint in {args.save_dir} "
+                                     f"is intact): lower --lr or set --clip-norm, and continue with --resume")
         run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
         if step % args.log_interval == 0 or step == total:
             row = {"step": step, "epoch": step / steps_per_epoch, "loss": lv,
@@ -512,6 +650,9 @@ def cli_main(argv: Optional[List[str]] = None) -> None:
     except DatasetNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

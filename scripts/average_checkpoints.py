@@ -37,8 +37,6 @@ def average(paths):
 
     total, last = None, None
     for path in paths:
-        if not os.path.isfile(path):
-            raise SystemExit(f"average_checkpoints.py: no such checkpoint: {path}")
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
         model = state["model"]
         if total is None:
@@ -69,10 +67,18 @@ def average(paths):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", required=True, help="checkpoint files, or one directory")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="refused if it exists, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--num-update-checkpoints", type=int, default=None,
                    help="with a directory: average its N newest checkpoint_*_<updates>.pt")
     args = p.parse_args(argv)
+    prog = "average_checkpoints.py"
+    if args.num_update_checkpoints is not None and args.num_update_checkpoints < 1:
+        raise SystemExit(f"{prog}: --num-update-checkpoints must be >= 1, got {args.num_update_checkpoints}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from io_checks import TRANSLATION, check_output, describe, require
+
+    check_output(args.output, args.overwrite, prog, "--output")
 
     import vq_nat
 
@@ -82,12 +88,19 @@ def main(argv=None):
         if not args.num_update_checkpoints:
             raise SystemExit("average_checkpoints.py: a directory needs --num-update-checkpoints N")
         paths = newest_update_checkpoints(paths[0], args.num_update_checkpoints)
+    # every input read and checked before any averaging: one line naming a missing, corrupt or foreign file
+    archs = {path: describe(require(path, prog, TRANSLATION, option="--inputs"))["arch"] for path in paths}
+    if len(set(archs.values())) > 1:
+        raise SystemExit(f"{prog}: the checkpoints are of different models ("
+                         + ", ".join(f"{os.path.basename(p)}: {a}" for p, a in archs.items())
+                         + "); average checkpoints of one run")
     state = average(paths)
     from fairseq.file_io import PathManager
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with PathManager.open(args.output, "wb") as f:
+    tmp = args.output + ".tmp"
+    with PathManager.open(tmp, "wb") as f:
         torch.save(state, f)
+    os.replace(tmp, args.output)
     print(f"averaged {len(paths)} checkpoints into {args.output}: " + ", ".join(os.path.basename(x) for x in paths))
 
 

@@ -76,8 +76,12 @@ def parse_args(argv=None):
     if args.quick:
         args.num_codes, args.dim, args.num_tokens = 256, 64, 1024
         args.repeats, args.warmup = 3, 1
-    if min(args.num_codes, args.dim, args.num_tokens, args.num_samples, args.repeats) < 1 or args.warmup < 0:
-        p.error("sizes and --repeats must be >= 1, --warmup >= 0")
+    for option, value, low in (("--num-codes", args.num_codes, 1), ("--dim", args.dim, 1),
+                               ("--num-tokens", args.num_tokens, 1), ("--num-samples", args.num_samples, 1),
+                               ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < low:
+            p.error(f"{option} must be >= {low}, got {value}")
     return args
 
 

@@ -28,12 +28,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_checkpoint(args, prog):
     """(model in eval mode, task, batch iterator over ``args.subset``, on GPU?) for a latent_transformer checkpoint
-    ``args.path`` trained on ``args.data``; exits with a clear message on a missing path or another model."""
+    ``args.path`` trained on ``args.data``; exits with one line, before any model is built, on a missing path, a
+    corrupt file, another kind of model or another dictionary."""
     if not os.path.isdir(args.data):
         sys.exit(f"{prog}: no such directory: {args.data}")
-    if not os.path.isfile(args.path):
-        sys.exit(f"{prog}: no such checkpoint: {args.path}")
     sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from io_checks import LATENT, require, split_size
+
+    split_size(require(args.path, prog, LATENT, data=args.data), args.data, args.subset, prog)
     import vq_nat
 
     vq_nat.register()  # the fairseq task, model and criterion; fixes for the fairseq build
@@ -59,10 +62,18 @@ def main(argv=None):
     p.add_argument("--path", required=True, help="latent_transformer checkpoint")
     p.add_argument("--subset", default="test")
     p.add_argument("--show", type=int, default=10, help="sentences to print")
-    p.add_argument("--png", help="write the code-usage histogram here")
+    p.add_argument("--png", help="write the code-usage histogram here (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --png")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
+    if args.show < 0 or args.batch_size < 1:
+        sys.exit(f"dump_latents.py: --show must be >= 0 and --batch-size >= 1, got {args.show} and {args.batch_size}")
+    if args.png:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from io_checks import check_output
+
+        check_output(args.png, args.overwrite, "dump_latents.py", "--png")
     model, task, itr, use_cuda = load_checkpoint(args, "dump_latents.py")
     from fairseq import utils
 

@@ -40,7 +40,8 @@ def curve(log_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="a run (repeatable)")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="PNG to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--cores", type=float, default=2.0, help="CPU cores each run used (for CPU hours)")
     p.add_argument("--title", default="valid BLEU during training")
     args = p.parse_args(argv)
@@ -57,6 +58,12 @@ def main(argv=None):
             sys.exit(f"plot_curves.py: {log} has no valid_bleu (train with --eval-bleu, or run "
                      "`experiments.py curve` for a translation_lev model)")
         curves[label] = points
+    if not args.cores > 0:
+        sys.exit(f"plot_curves.py: --cores must be > 0, got {args.cores}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from io_checks import check_output
+
+    check_output(args.out, args.overwrite, "plot_curves.py", "--out")
 
     import logging
 

@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
 # Raw parallel text -> sacremoses normalisation + tokenisation -> subword-nmt joint BPE -> fairseq-preprocess.
 #
-#   bash scripts/prepare-data.sh RAW_DIR OUT_DIR [--src en] [--tgt de] [--merges 8000] [--workers 2]
+#   bash scripts/prepare-data.sh RAW_DIR OUT_DIR [--src en] [--tgt de] [--merges 8000] [--workers 2] [--overwrite]
 #
 # RAW_DIR holds {train,valid,test}.{SRC,TGT} (plain or .gz), one sentence per line, line-aligned.
 # OUT_DIR gets tok/ (tokenised), bpe/ (BPE codes + segmented text) and bin/ (fairseq binary data with a
 # joined dictionary). Every sentence pair is kept (empty lines too): fairseq's training-time size filters decide.
+# An OUT_DIR that already holds prepared data is replaced only with --overwrite (checked before any work).
 # Tools come from PATH (the active environment): sacremoses, subword-nmt, fairseq-preprocess.
 set -euo pipefail
 
 die() { echo "prepare-data.sh: error: $*" >&2; exit 1; }
-[ $# -ge 2 ] || die "usage: prepare-data.sh RAW_DIR OUT_DIR [--src en] [--tgt de] [--merges 8000] [--workers 2]"
+usage="usage: prepare-data.sh RAW_DIR OUT_DIR [--src en] [--tgt de] [--merges 8000] [--workers 2] [--overwrite]"
+[ $# -ge 2 ] || die "$usage"
 raw="$1"; out="$2"; shift 2
-src=en; tgt=de; merges=8000; workers=2
+src=en; tgt=de; merges=8000; workers=2; overwrite=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --src|--tgt|--merges|--workers) [ $# -ge 2 ] || die "$1 needs a value" ;;&
     --src) src="$2"; shift 2 ;;
     --tgt) tgt="$2"; shift 2 ;;
     --merges) merges="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
-    *) die "unknown option $1" ;;
+    --overwrite) overwrite=1; shift ;;
+    *) die "unknown option $1 ($usage)" ;;
   esac
 done
+[[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers must be an integer >= 1, got '$workers'"
+[ "$src" != "$tgt" ] || die "--src and --tgt are both '$src'"
+[ ! -e "$out" ] || [ -d "$out" ] || die "OUT_DIR $out is a file, not a directory"
+existing=$(for d in tok bpe bin preprocess.log; do [ -e "$out/$d" ] && printf '%s ' "$d"; done; true)
+if [ -n "$existing" ] && [ "$overwrite" != 1 ]; then
+  die "$out already holds prepared data (${existing% }); pass --overwrite to replace it, or choose another OUT_DIR"
+fi
 
 for tool in sacremoses subword-nmt fairseq-preprocess; do
   command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found on PATH (activate the environment: source .venv/bin/activate)"

@@ -23,6 +23,10 @@ if [ ! -d "$raw" ]; then
   done
 fi
 
+# prepare-data.sh refuses an OUT_DIR that holds prepared data; check it before raw/ is rewritten
+if [ -e "$out/bin" ] && [[ " $* " != *" --overwrite "* ]]; then
+  die "$out already holds prepared data (bin); pass --overwrite to replace it, or choose another OUT_DIR"
+fi
 mkdir -p "$out/raw"
 for pair in train:train valid:val test:test_2016_flickr; do
   split="${pair%%:*}"; name="${pair#*:}"

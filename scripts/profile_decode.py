@@ -63,6 +63,19 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--ops", type=int, default=15, help="operators listed from the profiler")
     args = p.parse_args(argv)
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--max-sentences", args.max_sentences, 1),
+                               ("--npd-candidates", args.npd_candidates, 1), ("--ops", args.ops, 0),
+                               ("--threads", args.threads or 0, 0)):
+        if value < low:
+            sys.exit(f"profile_decode.py: {option} must be >= {low}, got {value}")
+    if not os.path.isdir(args.data):
+        sys.exit(f"profile_decode.py: no such directory: {args.data}")
+    from io_checks import AUTOREGRESSIVE, LATENT, require, split_size
+
+    state = require(args.path, "profile_decode.py", LATENT, data=args.data)
+    if args.npd_teacher:
+        require(args.npd_teacher, "profile_decode.py", AUTOREGRESSIVE, data=args.data, option="--npd-teacher")
+    split_size(state, args.data, args.gen_subset, "profile_decode.py")
 
     import vq_nat
 

@@ -5,7 +5,7 @@ detokenized (sacremoses), BPE-removed hypotheses against the raw references.
     python scripts/score.py DATA_BIN --path CKPT.pt --subset test --ref RAW/test.de [--out gen.txt] \
         [-- fairseq-generate options, e.g. --latent-length-beam 3 or --beam 4]
 
-The task follows the checkpoint (``latent_translation`` for a latent_transformer, ``translation`` otherwise);
+The task follows the checkpoint (``latent_translation`` for a latent_transformer, else the task it was trained with);
 ``--max-len-a 1.2 --max-len-b 10 --batch-size 64`` are the tables' defaults, and options after ``--`` are
 passed to fairseq-generate as they are (later ones win). Prints the sacreBLEU signature and score, one line
 each, and with ``--out`` keeps fairseq-generate's output (refused if the file exists, unless ``--overwrite``).
@@ -29,15 +29,19 @@ def hypotheses(text: str) -> dict:
     return hyps
 
 
-def task_of(path: str) -> str:
-    import torch
+def task_of(path: str, data: str, subset: str, num_refs: int) -> str:
+    """The fairseq task that decodes the checkpoint at ``path``, after checking that it is a translation model
+    trained with ``data``'s dictionaries and that ``data``'s ``subset`` has ``num_refs`` sentences (exits with one
+    line otherwise)."""
+    from io_checks import LATENT, TRANSLATION, describe, require, split_size
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = state.get("cfg") or {}
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    model = model if model is not None else state.get("args")
-    arch = getattr(model, "arch", None) or (model.get("arch") if isinstance(model, dict) else None) or ""
-    return "latent_translation" if str(arch).startswith("latent_transformer") else "translation"
+    state = require(path, "score.py", TRANSLATION, data=data)
+    n = split_size(state, data, subset, "score.py")
+    if n != num_refs:
+        sys.exit(f"score.py: the {subset} split of {data} has {n} sentences but --ref has {num_refs} lines; pass the "
+                 f"references of this split")
+    info = describe(state)
+    return "latent_translation" if info["kind"] == LATENT else (info["task"] or "translation")
 
 
 def main(argv=None):
@@ -58,14 +62,19 @@ def main(argv=None):
     for what, path in (("data directory", args.data), ("checkpoint", args.path), ("reference file", args.ref)):
         if not os.path.exists(path):
             sys.exit(f"score.py: no such {what}: {path}")
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        sys.exit(f"score.py: {args.out} exists; pass --overwrite to replace it")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if args.out:
+        from io_checks import check_output
+
+        check_output(args.out, args.overwrite, "score.py", "--out")
+    refs = [line.rstrip("\n") for line in open(args.ref, encoding="utf-8")]
+    task = task_of(args.path, args.data, args.subset, len(refs))
     lang = args.lang or os.path.splitext(args.ref)[1].lstrip(".")
 
     from sacrebleu.metrics import BLEU
     from sacremoses import MosesDetokenizer
 
-    cmd = ["fairseq-generate", args.data, "--user-dir", USER_DIR, "--task", task_of(args.path), "--path", args.path,
+    cmd = ["fairseq-generate", args.data, "--user-dir", USER_DIR, "--task", task, "--path", args.path,
            "--gen-subset", args.subset, "--remove-bpe", "--max-len-a", "1.2", "--max-len-b", "10",
            "--batch-size", "64", "--num-workers", "0", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -76,7 +85,6 @@ def main(argv=None):
             f.write(proc.stdout)
         os.replace(f.name, args.out)
     hyps = hypotheses(proc.stdout)
-    refs = [line.rstrip("\n") for line in open(args.ref, encoding="utf-8")]
     if sorted(hyps) != list(range(len(refs))):
         sys.exit(f"score.py: {len(hyps)} hypotheses for {len(refs)} references ({args.ref} is not the "
                  f"{args.subset} split of {args.data}?)")

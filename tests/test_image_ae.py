@@ -229,6 +229,14 @@ def test_robustness_table(split_folder, tmp_path):
     assert (out / "robustness.md").exists() and (out / "robustness.png").exists()
     assert (out / "robustness_curves.png").exists() and (out / "robustness_recons.png").exists()
     assert (out / "robustness.json").exists()
+    # --fresh retrains a finished run (it replaces it explicitly: image_ae.train --overwrite)
+    again = robustness.main(["--seeds", "1", "--bottlenecks", "vq", "--fresh", "--save-dir", str(out), "--dataset",
+                             "imagefolder", "--data-dir", split_folder, "--max-steps", "1", *TINY])
+    assert again[0]["step"] == 1
+    with pytest.raises(SystemExit, match=r"must not repeat a value"):
+        robustness.main(["--seeds", "1", "1", "--save-dir", str(out)])
+    with pytest.raises(SystemExit, match=r"--overwrite is set per run by image_ae.robustness"):
+        robustness.main(["--save-dir", str(out), "--overwrite"])
 
 
 # ---------------------------------------------------------------------------------------------- one training step
@@ -306,6 +314,7 @@ CLI_VALUES = {
     "threads": (["--threads", "2"], 2),
     "save_dir": (["--save-dir", "/tmp/out"], "/tmp/out"),
     "resume": (["--resume", "/tmp/out/ckpt.pt"], "/tmp/out/ckpt.pt"),
+    "overwrite": (["--overwrite"], True),
     "eval_interval": (["--eval-interval", "10"], 10),
     "save_interval": (["--save-interval", "20"], 20),
     "eval_samples": (["--eval-samples", "500"], 500),
@@ -525,3 +534,99 @@ def test_eval_posterior_entropy_equals_numpy_and_rises_with_temperature(split_fo
         assert m["posterior_entropy"] == pytest.approx(want, rel=1e-3, abs=1e-4)
         assert 0.0 <= m["posterior_entropy"] <= np.log(8) + 1e-6
     assert got[0.01] <= got[1.0] <= got[100.0] and got[100.0] > got[0.01]
+
+
+# ---------------------------------------------------------------------------------------------- outputs never lost
+def test_a_save_dir_holding_a_run_needs_resume_or_overwrite(split_folder, tmp_path):
+    save = tmp_path / "missing" / "parent" / "run"  # parents are created
+    _run(split_folder, save, "--max-steps", "2", "--no-plots")
+    before = {f: (save / f).read_bytes() for f in os.listdir(save)}
+    with pytest.raises(SystemExit, match=r"--save-dir .*run already holds a run \(checkpoint_last.pt, config.json, "
+                                         r"metrics.jsonl, recon_2.png, ...\); starting from scratch would replace it\. "
+                                         r"Pass --resume to continue it, --overwrite to replace it"):
+        _run(split_folder, save, "--max-steps", "3", "--no-plots")
+    # another run's checkpoint resumed into this directory would overwrite it too
+    other = tmp_path / "other"
+    _run(split_folder, other, "--max-steps", "1", "--no-plots")
+    with pytest.raises(SystemExit, match="it would be overwritten by the run resumed from"):
+        _run(split_folder, save, "--max-steps", "3", "--no-plots", "--resume", str(other / ia_train.CHECKPOINT))
+    with pytest.raises(SystemExit, match="--resume continues a run and --overwrite replaces it"):
+        _run(split_folder, save, "--max-steps", "3", "--resume", "--overwrite")
+    assert {f: (save / f).read_bytes() for f in os.listdir(save)} == before  # nothing touched
+    # --overwrite starts over: the old run's images and logs are gone, not mixed with the new ones
+    _run(split_folder, save, "--max-steps", "1", "--no-plots", "--overwrite")
+    assert sorted(os.listdir(save)) == ["checkpoint_last.pt", "config.json", "metrics.jsonl", "recon_1.png",
+                                        "train_log.jsonl"]
+    assert _state(save)["step"] == 1
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="afile is a file, not a directory"):
+        _run(split_folder, tmp_path / "afile", "--max-steps", "1")
+
+
+def test_resume_names_a_wrong_or_corrupt_checkpoint_before_any_work(split_folder, tmp_path, monkeypatch):
+    def no_data(*a, **k):
+        raise AssertionError("the data was read before the checkpoint was checked")
+
+    monkeypatch.setattr(ia_train, "build_splits", no_data)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*bad.pt \(UnpicklingError.*it is corrupt or not a "
+                                         r"checkpoint"):
+        _run(split_folder, tmp_path / "a", "--resume", str(bad))
+    fairseq_like = tmp_path / "lt.pt"
+    torch.save({"cfg": {"model": {"arch": "latent_transformer"}}, "model": {}, "args": None}, fairseq_like)
+    with pytest.raises(SystemExit, match=r"--resume .*lt.pt is a fairseq checkpoint \(translation model\), not an "
+                                         r"image_ae one"):
+        _run(split_folder, tmp_path / "b", "--resume", str(fairseq_like))
+    with pytest.raises(SystemExit, match=r"--resume .*nowhere.pt: no such checkpoint"):
+        _run(split_folder, tmp_path / "c", "--resume", str(tmp_path / "nowhere.pt"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--soft-em-temperature", "-1"], r"--soft-em-temperature must be in \(0, inf\), got -1.0"),
+    (["--soft-em-temperature", "0"], r"--soft-em-temperature must be in \(0, inf\), got 0.0"),
+    (["--codebook-decay", "1"], r"--codebook-decay must be in \[0, 1\), got 1.0"),
+    (["--log-interval", "0"], r"--log-interval must be >= 1, got 0"),
+    (["--num-codes", "0"], r"--num-codes must be >= 1, got 0"),
+    (["--lr", "nan"], r"--lr must be in \(0, inf\), got nan"),
+    (["--val-fraction", "1"], r"--val-fraction must be in \(0, 1\), got 1.0"),
+    (["--eval-batch-size", "0"], r"--eval-batch-size must be >= 1, got 0"),
+    (["--device", "gpu0"], r"--device gpu0: not a device; pass auto, cpu, cuda or cuda:N"),
+])
+def test_option_out_of_range_is_named_before_any_work(split_folder, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _run(split_folder, tmp_path / "run", *argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_without_effect_are_warned_about(split_folder, tmp_path, caplog):
+    _run(split_folder, tmp_path / "run", "--max-steps", "1", "--no-plots", "--codebook-update", "grad",
+         "--codebook-decay", "0.9", "--bottleneck", "vq", "--num-samples", "4")
+    assert "--codebook-decay 0.9 has no effect: --codebook-update grad" in caplog.text
+    assert "--num-samples 4 has no effect: --bottleneck vq" in caplog.text
+    assert "--codebook-epsilon" not in caplog.text  # left at its default: nothing to say
+
+
+def test_model_checks_its_images_and_takes_an_empty_batch():
+    model = ImageAutoencoder(build_config("vqvae", 3, 16, {"bottleneck": "em", "num_codes": 8, "code_dim": 4,
+                                                           "hidden_dim": 8, "res_hidden_dim": 4, "num_samples": 3}))
+    recon, out, z_e = model(torch.rand(0, 3, 16, 16))
+    assert recon.shape == (0, 3, 16, 16) and out.codes.shape == (0, 8, 8, 1, 3) and float(out.loss) == 0.0
+    with pytest.raises(TypeError, match=r"got torch.uint8; pass uint8 images as x.float\(\) / 255"):
+        model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 16, 16\), got \(2, 1, 16, 16\)"):
+        model(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"pixels must be in \[0, 1\], got values in .*divide 0-255 images by 255"):
+        model(torch.rand(2, 3, 16, 16) * 255)
+    with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
+        model(torch.rand(2, 3, 16, 16, device="meta"))
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_its_model_is_one_line(split_folder, tmp_path):
+    _run(split_folder, tmp_path, "--max-steps", "1", "--no-plots")
+    state = _state(tmp_path)
+    del state["model"]["quantizer.embed"]
+    torch.save(state, os.path.join(str(tmp_path), ia_train.CHECKPOINT))
+    with pytest.raises(SystemExit, match=r"the --resume checkpoint does not fit the model it describes \(RuntimeError: "
+                                         r".*start a new run with --overwrite"):
+        _run(split_folder, tmp_path, "--max-steps", "2", "--resume", "--no-plots")

@@ -16,6 +16,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import as_padding_mask, check_features, check_float, check_int
+
+
+def _check_options(owner: str, dim: int, num_compress_steps: int, kernel_size: int, dropout: float) -> None:
+    check_int(owner, "dim", dim, 1)
+    check_int(owner, "num_compress_steps", num_compress_steps, 0)
+    check_int(owner, "kernel_size", kernel_size, 1)
+    if kernel_size % 2 == 0:  # padding k // 2 keeps the length only for an odd kernel
+        raise ValueError(f"{owner}: kernel_size must be odd (padding kernel_size // 2 keeps the length), got "
+                         f"{kernel_size}")
+    check_float(owner, "dropout", dropout, 0.0, 1.0, high_open=True)
+
+
+def _checked(module: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Checks batch-first ``x`` (B, T, H) and returns ``padding_mask`` (B, T) as bool (True = padding) or None."""
+    owner = type(module).__name__
+    check_features(owner, module, x, module.dim, name="x")
+    if x.dim() != 3:
+        raise ValueError(f"{owner}: x must be batch-first (B, T, {module.dim}), got shape {tuple(x.shape)}")
+    return as_padding_mask(owner, padding_mask, x.shape[:2], x.device)
+
 
 def _zero_pad(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x if padding_mask is None else x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -52,6 +73,9 @@ class ResidualConvBlock(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 3, layers: int = 3, dropout: float = 0.1):
         super().__init__()
+        _check_options(type(self).__name__, dim, 0, kernel_size, dropout)
+        check_int(type(self).__name__, "layers", layers, 1)
+        self.dim = dim
         self.norm = nn.LayerNorm(dim)
         self.convs = nn.ModuleList(
             nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2) for _ in range(layers)
@@ -60,6 +84,9 @@ class ResidualConvBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        padding_mask = _checked(self, x, padding_mask)
+        if x.size(1) == 0:
+            return x.clone()
         y = _zero_pad(self.norm(x), padding_mask)
         for conv, norm in zip(self.convs, self.norms):
             y = _zero_pad(norm(conv_btc(torch.relu(y), conv)), padding_mask)
@@ -76,6 +103,8 @@ class Compressor(nn.Module):
 
     def __init__(self, dim: int, num_compress_steps: int, kernel_size: int = 3, dropout: float = 0.1):
         super().__init__()
+        _check_options(type(self).__name__, dim, num_compress_steps, kernel_size, dropout)
+        self.dim = dim
         self.steps = num_compress_steps
         self.residual = nn.ModuleList(
             ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(max(num_compress_steps, 1))
@@ -86,8 +115,12 @@ class Compressor(nn.Module):
     def forward(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        padding_mask = _checked(self, x, padding_mask)
         if x.size(1) % (1 << self.steps) != 0:
-            raise ValueError(f"length {x.size(1)} is not a multiple of 2^nc = {1 << self.steps}")
+            raise ValueError(f"Compressor: length {x.size(1)} is not a multiple of 2^nc = {1 << self.steps}; pad the "
+                             f"input to a multiple of {1 << self.steps}")
+        if x.size(1) == 0:  # nothing to compress: an empty (B, 0, H)
+            return x.clone(), padding_mask
         x = _zero_pad(x, padding_mask)
         for block in self.residual:
             x = block(x, padding_mask)
@@ -103,6 +136,8 @@ class Decompressor(nn.Module):
 
     def __init__(self, dim: int, num_compress_steps: int, kernel_size: int = 3, dropout: float = 0.1):
         super().__init__()
+        _check_options(type(self).__name__, dim, num_compress_steps, kernel_size, dropout)
+        self.dim = dim
         self.steps = num_compress_steps
         self.residual = nn.ModuleList(
             ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(num_compress_steps)
@@ -114,6 +149,9 @@ class Decompressor(nn.Module):
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the decompressed (B, L * 2^nc, H) and its padding mask (None when nothing is padded)."""
+        padding_mask = _checked(self, x, padding_mask)
+        if x.size(1) == 0:  # no latents: an empty (B, 0, H)
+            return x.clone(), None
         if padding_mask is not None and not bool(padding_mask.any()):
             padding_mask = None  # nothing to zero after every layer (decoding one sentence)
         for i, (block, lin, norm) in enumerate(zip(self.residual, self.thicken, self.norms)):

@@ -9,10 +9,25 @@ from typing import Optional
 
 import torch
 
+from .checks import as_padding_mask, check_float, check_int
+
+
+def _checked(owner: str, tokens: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Checks ``tokens`` (B, T) integer and ``p``; returns ``mask`` as bool (True = may be noised)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise TypeError(f"{owner}: tokens must be an integer tensor of token indices, got "
+                        f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{owner}: tokens must be (B, T), got shape {tuple(tokens.shape)}")
+    check_float(owner, "p", p, 0.0, 1.0)
+    return as_padding_mask(owner, mask, tokens.shape, tokens.device, name="mask", meaning="True = may be noised")
+
 
 def word_dropout(tokens: torch.Tensor, mask: torch.Tensor, p: float, unk: int,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``tokens`` (B, T) long; ``mask`` (B, T) bool, True where a token may be noised."""
+    """``tokens`` (B, T) long; ``mask`` (B, T) bool (or 0/1), True where a token may be noised."""
+    mask = _checked("word_dropout", tokens, mask, p)
+    check_int("word_dropout", "unk", unk, 0)
     if p <= 0:
         return tokens
     drop = (torch.rand(tokens.shape, generator=generator, device=tokens.device) < p) & mask
@@ -25,6 +40,8 @@ def word_shuffle(tokens: torch.Tensor, mask: torch.Tensor, p: float, k: int = 3,
 
     ``mask`` must be a prefix of each row (the real tokens before EOS of a right-padded batch).
     """
+    mask = _checked("word_shuffle", tokens, mask, p)
+    check_int("word_shuffle", "k", k, 0)
     if p <= 0 or k <= 0:
         return tokens
     b, t = tokens.shape

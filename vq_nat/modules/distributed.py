@@ -1,4 +1,6 @@
 """Tiny torch.distributed helpers: EMA codebook statistics are all-reduced so that ranks never diverge."""
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -21,3 +23,15 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(t, src=src)
     return t
+
+
+def first_rank_with(flag: bool, device=None) -> Optional[int]:
+    """The lowest rank where ``flag`` holds, None where it holds on none (every rank must call this). Without an
+    initialised process group: 0 or None."""
+    if not is_distributed():
+        return 0 if flag else None
+    t = torch.zeros(dist.get_world_size(), device=device)
+    t[dist.get_rank()] = float(flag)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    found = t.nonzero()
+    return int(found[0, 0]) if found.numel() else None

@@ -13,18 +13,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import as_padding_mask, check_codes, check_features, check_float, check_int
 from .output import QuantizerOutput, usage_stats
 from .schedules import inverse_exp_decay, inverse_lin_decay
 
 
-def flatten_valid(z_e: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """(N,) float weight: 1 for real positions, 0 for padding (padding_mask True = padding)."""
+def checked_input(module: nn.Module, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+    """The checked ``z_e`` as (N, dim) rows and the (N,) float weight of each: 1 for real positions, 0 for padding
+    (``padding_mask`` True or 1 = padding, of any dtype; see :func:`checks.as_padding_mask`)."""
+    owner = type(module).__name__
+    check_features(owner, module, z_e, module.dim)
     lead = z_e.shape[:-1]
-    if padding_mask is None:
-        return torch.ones(lead.numel(), device=z_e.device)
-    if padding_mask.shape != lead:
-        raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != z_e shape[:-1] {tuple(lead)}")
-    return (~padding_mask.reshape(-1)).float()
+    mask = as_padding_mask(owner, padding_mask, lead, z_e.device)
+    rows = z_e.reshape(lead.numel(), module.dim)
+    if mask is None:
+        return rows, torch.ones(lead.numel(), device=z_e.device)
+    return rows, (~mask.reshape(-1)).float()
 
 
 def gumbel_sample(shape, device=None) -> torch.Tensor:
@@ -70,8 +74,18 @@ class GumbelSoftmaxQuantizer(nn.Module):
         random_temperature_prob: float = 0.1,
     ):
         super().__init__()
-        if num_codes < 2:
-            raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+        owner = type(self).__name__
+        check_int(owner, "num_codes", num_codes, 2)
+        check_int(owner, "dim", dim, 1)
+        check_float(owner, "temperature_start", temperature_start, 0.0, low_open=True)
+        check_float(owner, "temperature_min", temperature_min, 0.0, low_open=True)
+        check_int(owner, "anneal_steps", anneal_steps, 0)
+        check_float(owner, "kl_weight", kl_weight, 0.0)
+        check_float(owner, "diversity_weight", diversity_weight, 0.0)
+        check_float(owner, "noise_scale", noise_scale, 0.0)
+        if noise_warmup_steps is not None:
+            check_int(owner, "noise_warmup_steps", noise_warmup_steps, 0)
+        check_float(owner, "random_temperature_prob", random_temperature_prob, 0.0, 1.0)
         self.num_codes = num_codes
         self.dim = dim
         self.temperature_start = temperature_start
@@ -106,16 +120,15 @@ class GumbelSoftmaxQuantizer(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices (...) -> (..., dim): dense(one_hot(codes)) (t2t ``embed``, "gumbel-softmax")."""
+        check_codes(type(self).__name__, codes, self.num_codes, self.from_codes.weight.device)
         return F.embedding(codes, self.from_codes.weight.t()) + self.from_codes.bias
 
     def forward(self, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> QuantizerOutput:
-        if z_e.size(-1) != self.dim:
-            raise ValueError(f"z_e has last dimension {z_e.size(-1)}, expected {self.dim}")
+        rows, weight = checked_input(self, z_e, padding_mask)  # (N, dim), (N,)
         lead, k = z_e.shape[:-1], self.num_codes
-        weight = flatten_valid(z_e, padding_mask)  # (N,)
         num_valid = weight.sum().clamp(min=1.0)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            x = z_e.reshape(-1, self.dim).float()
+            x = rows.float()
             logits = F.linear(x, self.to_logits.weight.float(), self.to_logits.bias.float())
             logq = F.log_softmax(logits, dim=-1)  # (N, K)
             argmax = logq.argmax(-1)

@@ -74,6 +74,11 @@ def distinct_samples(codes: torch.Tensor) -> torch.Tensor:
     """Number of distinct codes among each position's m soft-EM samples, (...) float: ``codes`` (..., m) as in
     ``QuantizerOutput.codes`` of soft EM (``(..., num_blocks, m)`` with product quantization: averaged over the
     blocks). 1 everywhere means the m samples are one code, i.e. soft EM behaves as hard EM."""
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() or codes.dim() == 0:
+        what = (f"{codes.dtype} of shape {tuple(codes.shape)}" if isinstance(codes, torch.Tensor)
+                else type(codes).__name__)
+        raise TypeError(f"distinct_samples: codes must be an integer tensor (..., m) of sampled code indices, got "
+                        f"{what}")
     drawn = codes.sort(-1).values
     return 1.0 + (drawn[..., 1:] != drawn[..., :-1]).sum(-1).float()
 

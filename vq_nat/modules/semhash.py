@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gumbel import flatten_valid
-from .output import usage_stats
+from .checks import check_codes, check_float, check_int
+from .gumbel import checked_input
+from .output import QuantizerOutput, usage_stats
 from .schedules import inverse_exp_decay
-from .output import QuantizerOutput
 
 
 def saturating_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,12 @@ class SemanticHashingQuantizer(nn.Module):
         self, num_bits: int, dim: int, noise_std: float = 0.5, startup_steps: int = 10000, discrete_mix: float = 0.5
     ):
         super().__init__()
-        if not 1 <= num_bits <= 30:
-            raise ValueError(f"num_bits must be in [1, 30] (targets are 2**num_bits wide), got {num_bits}")
+        owner = type(self).__name__
+        check_int(owner, "num_bits (targets are 2**num_bits wide)", num_bits, 1, 30)
+        check_int(owner, "dim", dim, 1)
+        check_float(owner, "noise_std", noise_std, 0.0)
+        check_int(owner, "startup_steps", startup_steps, 0)
+        check_float(owner, "discrete_mix", discrete_mix, 0.0, 1.0)
         self.num_bits = num_bits
         self.num_codes = 2**num_bits
         self.dim = dim
@@ -81,15 +85,14 @@ class SemanticHashingQuantizer(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices (...) -> (..., dim) (t2t ``embed``, "semhash"): the eval-mode value for these bits."""
+        check_codes(type(self).__name__, codes, self.num_codes, self.to_bits.weight.device)
         return self._unbottleneck(self.codes_to_bits(codes))
 
     def forward(self, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> QuantizerOutput:
-        if z_e.size(-1) != self.dim:
-            raise ValueError(f"z_e has last dimension {z_e.size(-1)}, expected {self.dim}")
+        rows, weight = checked_input(self, z_e, padding_mask)  # (N, dim), (N,)
         lead = z_e.shape[:-1]
-        weight = flatten_valid(z_e, padding_mask)  # (N,)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            x = z_e.reshape(-1, self.dim).float()
+            x = rows.float()
             logits = F.linear(x, self.to_bits.weight.float(), self.to_bits.bias.float())  # (N, num_bits)
             if self.training and self.noise_std > 0:
                 # y = saturating_sigmoid(c + n), n ~ TruncatedNormal(0, noise_dev) cut at 2 std (tf.truncated_normal)
@@ -112,12 +115,12 @@ class SemanticHashingQuantizer(nn.Module):
             z_q = self._unbottleneck(c)
 
             codes = self.bits_to_codes(bits)  # t2t: bit_to_int(stop_gradient(d)), the (noisy in training) bits
-            targets = F.one_hot(codes, self.num_codes).float()
             perplexity, codes_used = usage_stats(codes, weight, self.num_codes)
         return QuantizerOutput(
             quantized=z_q.to(z_e.dtype).reshape(*lead, self.dim),
             codes=codes.reshape(lead),
-            targets=targets.reshape(*lead, self.num_codes),
+            # one-hot over 2**num_bits codes, built only when read (N x K: the largest tensor of the step)
+            targets=lambda: F.one_hot(codes, self.num_codes).float().reshape(*lead, self.num_codes),
             loss=torch.zeros((), device=z_e.device),  # t2t semhash adds no auxiliary loss
             perplexity=perplexity,
             codes_used=codes_used,

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import all_reduce_sum, broadcast_, is_distributed
+from .checks import as_padding_mask, check_choice, check_codes, check_features, check_float, check_int
+from .distributed import all_reduce_sum, broadcast_, first_rank_with, is_distributed
 from .output import QuantizerOutput, code_perplexity
 
 logger = logging.getLogger(__name__)
@@ -67,23 +68,27 @@ class VectorQuantizer(nn.Module):
         dead_code_threshold: float = 0.0,
     ):
         super().__init__()
-        if assignment not in ("hard", "soft"):
-            raise ValueError(f"assignment must be 'hard' or 'soft', got {assignment!r}")
-        if update not in ("ema", "grad"):
-            raise ValueError(f"update must be 'ema' or 'grad', got {update!r}")
+        owner = type(self).__name__
+        check_choice(owner, "assignment", assignment, ("hard", "soft"))
+        check_choice(owner, "update", update, ("ema", "grad"))
+        check_int(owner, "num_codes", num_codes, 1)
+        check_int(owner, "dim", dim, 1)
+        check_int(owner, "num_samples", num_samples, 1)
+        check_int(owner, "num_blocks", num_blocks, 1, dim)
         if dim % num_blocks != 0:
-            raise ValueError(f"dim={dim} is not divisible by num_blocks={num_blocks}")
-        if num_codes < 1 or num_samples < 1:
-            raise ValueError("num_codes and num_samples must be >= 1")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if not init_std > 0.0:
-            raise ValueError(f"init_std must be > 0, got {init_std}")
-        if not 0.0 < temperature < float("inf"):  # T <= 0 would pick the farthest codes
-            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-        if not (epsilon >= 0.0 and beta >= 0.0 and dead_code_threshold >= 0.0):
-            raise ValueError(f"epsilon, beta and dead_code_threshold must be >= 0, got {epsilon}, {beta}, "
-                             f"{dead_code_threshold}")
+            raise ValueError(f"{owner}: dim={dim} is not divisible by num_blocks={num_blocks}; pick num_blocks "
+                             f"among the divisors of dim")
+        check_float(owner, "decay", decay, 0.0, 1.0, high_open=True)
+        check_float(owner, "init_std", init_std, 0.0, low_open=True)
+        # T <= 0 would pick the farthest codes
+        check_float(owner, "temperature", temperature, 0.0, low_open=True)
+        check_float(owner, "epsilon", epsilon, 0.0)
+        check_float(owner, "beta", beta, 0.0)
+        check_float(owner, "dead_code_threshold", dead_code_threshold, 0.0)
+        check_int(owner, "kmeans_iters", kmeans_iters, 0)
+        if dead_code_threshold > 0 and update == "grad":
+            logger.warning("%s: dead_code_threshold=%s has no effect with update='grad' (re-seeding uses the EMA "
+                           "counts of update='ema'); set it to 0 or use update='ema'", owner, dead_code_threshold)
         self.num_codes = num_codes
         self.dim = dim
         self.assignment = assignment
@@ -118,6 +123,10 @@ class VectorQuantizer(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices -> z_q. ``codes``: (...) long (or (..., num_blocks) with product quantization)."""
+        check_codes(type(self).__name__, codes, self.num_codes, self.embed.device)
+        if self.num_blocks > 1 and (codes.dim() == 0 or codes.size(-1) != self.num_blocks):
+            raise ValueError(f"{type(self).__name__}: with num_blocks={self.num_blocks}, codes must have shape "
+                             f"(..., {self.num_blocks}), got {tuple(codes.shape)}")
         if self.num_blocks == 1:
             return F.embedding(codes, self.embed[0])
         offsets = torch.arange(self.num_blocks, device=codes.device) * self.num_codes
@@ -127,24 +136,24 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
         """eq.1 without sampling or any update: argmin_j ||z_e - e_j||, (...) long (or (..., num_blocks))."""
-        x = z_e.reshape(-1, self.num_blocks, self.block_dim).float()
+        check_features(type(self).__name__, self, z_e, self.dim)
+        x = z_e.reshape(z_e.shape[:-1].numel(), self.num_blocks, self.block_dim).float()
         codes = self._e_step(x, sample=False, weight=None)[0][..., 0]  # (N, B)
         return codes.reshape(*z_e.shape[:-1], self.num_blocks) if self.num_blocks > 1 else codes.reshape(z_e.shape[:-1])
 
     # ------------------------------------------------------------------ forward
     def forward(self, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> QuantizerOutput:
-        if z_e.size(-1) != self.dim:
-            raise ValueError(f"z_e has last dimension {z_e.size(-1)}, expected {self.dim}")
+        check_features(type(self).__name__, self, z_e, self.dim)
         lead = z_e.shape[:-1]
-        x = z_e.reshape(-1, self.num_blocks, self.block_dim)  # (N, B, d)
+        padding_mask = as_padding_mask(type(self).__name__, padding_mask, lead, z_e.device)
+        x = z_e.reshape(lead.numel(), self.num_blocks, self.block_dim)  # (N, B, d)
         n, b, k = x.size(0), self.num_blocks, self.num_codes
         valid = None  # None = every position is real (the fast path)
-        if padding_mask is not None:
-            if padding_mask.shape != lead:
-                raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != z_e shape[:-1] {tuple(lead)}")
-            if bool(padding_mask.any()):
-                valid = ~padding_mask.reshape(-1)
-        real = valid  # the loss covers every real position: a NaN/inf z_e makes it NaN/inf, for fairseq to see
+        if padding_mask is not None and bool(padding_mask.any()):
+            valid = ~padding_mask.reshape(-1)
+        # the loss covers every real position: a NaN/inf z_e makes it NaN/inf, for fairseq to see (an empty
+        # batch has none: its loss is 0)
+        real = valid if n > 0 else torch.zeros(0, dtype=torch.bool, device=z_e.device)
         with torch.no_grad():
             if not bool(torch.isfinite(x.sum())):
                 # never let NaN/inf reach the codebook: such positions are treated as padding by the EM step
@@ -302,7 +311,7 @@ class VectorQuantizer(nn.Module):
         """
         n, b, d = x.shape
         k = self.num_codes
-        m = flat.numel() // (n * b)
+        m = flat.numel() // max(n * b, 1)  # an empty batch still takes part in the all-reduce below
         rows = x.reshape(n * b, d)
         if x.device.type == "cpu":
             # sum_i w_ij z_e_i as a sparse (B*K x N*B) @ dense product: no N*m x d copy of z_e
@@ -351,16 +360,18 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
-        """Initialise the codebook with k-means (Lloyd) on the first training batch's valid positions."""
+        """Initialise the codebook with k-means (Lloyd) on the first training batch with valid positions: a batch
+        that has none (on every rank: all padding, or empty) leaves the codebook uninitialised for the next one.
+        The lowest rank that has data computes the codebook every rank takes."""
         b, k, d = self.embed.shape
         n = x.size(0)
-        if n == 0:  # nothing to cluster on this rank: keep the random codes (rank 0's win the broadcast)
-            if is_distributed():
-                broadcast_(self.embed.data, src=0)
-            if self.update == "ema":
-                self.ema_count.fill_(1.0)
-                self.ema_sum.copy_(self.embed.data)
-            self.initialized.fill_(True)
+        src = first_rank_with(n > 0, x.device)
+        if src is None:
+            return
+        if n == 0:  # nothing to cluster on this rank: it receives rank src's codebook
+            cb = torch.empty(b, k, d, device=x.device)
+            broadcast_(cb, src=src)
+            self._set_codebook(cb)
             return
         xb = x.transpose(0, 1)  # (B, N, d)
         # its own generator, seeded by the run's seed: the same codes whatever else drew from the global RNG
@@ -381,8 +392,11 @@ class VectorQuantizer(nn.Module):
             counts = onehot.sum(1)  # (B, K)
             sums = torch.bmm(onehot.transpose(1, 2), x.transpose(0, 1))  # (B, K, d)
             cb = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), cb)
-        if is_distributed():
-            broadcast_(cb, src=0)
+        broadcast_(cb, src=src)
+        self._set_codebook(cb)
+
+    @torch.no_grad()
+    def _set_codebook(self, cb: torch.Tensor) -> None:
         self.embed.data.copy_(cb)
         if self.update == "ema":
             self.ema_count.fill_(1.0)
