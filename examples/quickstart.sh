@@ -39,7 +39,8 @@ read -r -a train_extra <<< "${TRAIN_ARGS:-}"
 read -r -a generate_extra <<< "${GENERATE_ARGS:-}"
 
 if [ ! -f "$data/bin/dict.en.txt" ]; then
-  bash scripts/prepare-multi30k.sh "$raw" "$data" --merges "$merges"
+  # a bin/ without its dictionary is an interrupted preparation: redo it
+  bash scripts/prepare-multi30k.sh "$raw" "$data" --merges "$merges" $([ -e "$data/bin" ] && echo --overwrite)
 fi
 
 echo "quickstart: training latent_transformer_tiny ($bottleneck) for $max_update updates"

@@ -15,6 +15,9 @@ set -euo pipefail
 die() { echo "prepare-wmt14-en-de.sh: error: $*" >&2; exit 1; }
 [ $# -ge 2 ] || die "usage: prepare-wmt14-en-de.sh RAW_DIR OUT_DIR [prepare-data.sh options]"
 raw="$1"; out="$2"; shift 2
+if [ -e "$out/bin" ] && [[ " $* " != *" --overwrite "* ]]; then  # checked before raw/ is rewritten
+  die "$out already holds prepared data (bin); pass --overwrite to replace it, or choose another OUT_DIR"
+fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 archives="training-parallel-europarl-v7.tgz training-parallel-commoncrawl.tgz training-parallel-nc-v12.tgz dev.tgz test-full.tgz"
 urls="http://statmt.org/wmt13/training-parallel-europarl-v7.tgz http://statmt.org/wmt13/training-parallel-commoncrawl.tgz
