@@ -566,6 +566,21 @@ def plot_robustness(args, reseed=False):
         print(f"| {name} | {x} | {o:.2f} | {b:.2f} | {p:.1f} | {mx:.1f} | {info:.3f} |")
 
 
+def list_names(what):
+    """``experiments.py levers --list`` (and ablations, table1): each name with what it changes."""
+    if what == "levers":
+        for name, flags in LEVERS.items():
+            print(f"{name:8s} {' '.join(flags) or '(the preset)'}")
+    elif what == "ablations":
+        for name, setting in ABLATIONS.items():
+            print(f"{name:8s} {', '.join(f'{k}={v}' for k, v in setting.items())}")
+    elif what in ("table1", "curve"):
+        for run in table1_runs("WORK"):
+            print(run.name)
+    else:
+        sys.exit(f"experiments.py: --list applies to levers, ablations, table1 and curve, not {what}")
+
+
 def split_passthrough(argv):
     """(this script's arguments, fairseq-train options after ``--``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -584,7 +599,9 @@ def main(argv=None):
     p.add_argument("--data", help="fairseq-preprocess directory (scripts/prepare-data.sh)")
     p.add_argument("--distill", help="distilled directory (scripts/distill.sh)")
     p.add_argument("--raw", help="raw text directory with the untokenized references <subset>.<tgt>")
-    p.add_argument("--work", required=True, help="directory for checkpoints, outputs and results.jsonl")
+    p.add_argument("--work", help="directory for checkpoints, outputs and results.jsonl (required)")
+    p.add_argument("--list", action="store_true",
+                   help="levers / ablations / table1: print the names and their flags, then exit")
     p.add_argument("--max-update", type=int, default=1000, help="training budget of every model (updates)")
     p.add_argument("--max-tokens", type=int, default=4096, help="fairseq-train's batch size in tokens, per GPU")
     p.add_argument("--log-interval", type=int, default=50, help="fairseq-train's --log-interval (updates)")
@@ -619,6 +636,11 @@ def main(argv=None):
     p.add_argument("--kmeans-init", action="store_true",
                    help="robustness: k-means codebook init on the first batch (--kmeans-init), both bottlenecks")
     args = p.parse_args(argv)
+    if args.list:
+        list_names(args.what)
+        return
+    if not args.work:
+        p.error("--work is required")
     args.train_extra = train_extra
     if "--cpu" in train_extra:  # the same as this script's --cpu: decode and diagnose on the CPU too
         args.cpu = True

@@ -461,3 +461,15 @@ def test_quickstart_ends_with_translations_next_to_references(tmp_path, cpu):
     p = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env={**env, "CPU": "yes"}, capture_output=True,
                        text=True)
     assert p.returncode != 0 and "CPU must be 0 or 1" in p.stderr
+
+
+def test_experiments_list_names_every_lever_with_its_flags():
+    p = subprocess.run([sys.executable, "scripts/experiments.py", "levers", "--list"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = dict(line.split(None, 1) for line in p.stdout.splitlines())
+    assert rows["par"] == "--latent-predictor parallel" and rows["K64"] == "--num-codes 64"
+    assert rows["base"] == "(the preset)"
+    p = subprocess.run([sys.executable, "scripts/experiments.py", "levers"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True)
+    assert p.returncode != 0 and "--work is required" in p.stderr
