@@ -56,13 +56,13 @@ def main(argv=None):
     from sacremoses import MosesDetokenizer
 
     from vq_nat.latent_generator import LatentGenerator
-    from vq_nat.modules import distinct_samples
+    from vq_nat.models.bottleneck import bottleneck_stats, is_soft
 
     dec = model.decoder
     tgt_dict = task.target_dictionary
     greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, latent_end_penalty=args.latent_end_penalty)
     oracle = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, oracle_latents=True)
-    soft = getattr(dec.bottleneck, "assignment", None) == "soft"
+    soft = is_soft(dec.bottleneck)
 
     hyps, hyps_oracle, refs = {}, {}, {}
     n_lat = n_sent = lp_right = end_right = short = 0
@@ -104,14 +104,10 @@ def main(argv=None):
             z_e = dec.encode_target(dec.pad_to_multiple(sample["target"]), enc)[0]
             z_real = z_e[real].double()
             z_sum, z_sq, z_n = z_sum + z_real.sum(0), z_sq + float((z_real ** 2).sum()), z_n + z_real.size(0)
-            q = dec.bottleneck(z_e, padding_mask=pad)
-            has_posterior = q.posterior_entropy is not None
-            if has_posterior:
-                post_ent += float(q.posterior_entropy) * int(lengths.sum())
-            if soft:
-                distinct = distinct_samples(q.codes)
-                distinct = distinct if distinct.dim() == 2 else distinct.mean(-1)
-                sample_codes += float((distinct * real).sum())
+            stats = bottleneck_stats(dec.bottleneck, dec.bottleneck(z_e, padding_mask=pad), pad)  # as in training
+            has_posterior = "post_ent" in stats
+            post_ent += float(stats.get("post_ent", 0.0))
+            sample_codes += float(stats.get("sample_codes", 0.0))
             for b, sid in enumerate(ids):
                 n = int(lengths[b])
                 codes_ae.update(map(_key, want[b, :n].tolist()))

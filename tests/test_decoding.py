@@ -19,7 +19,7 @@ def _sample(task):
 
 
 def test_best_tokens_in_chunks_equal_one_log_softmax(tmp_path, monkeypatch):
-    import vq_nat.models.latent_transformer as lt
+    import vq_nat.models.parallel_decoder as lt
 
     task, model = _model(tmp_path, [])
     dec = model.decoder

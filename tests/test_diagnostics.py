@@ -426,7 +426,7 @@ def test_latent_length_loss_is_the_cross_entropy_of_the_number_of_latents(tmp_pa
     loss, _, log = criterion(model, sample)  # evaluation mode: the codebook stays as it is between the calls
     out = model(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], target=sample["target"])
     lengths = (~out["latent_padding_mask"]).sum(1).numpy()
-    logits = out["length_logits"].detach().double().numpy()
+    logits = out["losses"]["length"]["out"].detach().double().numpy()
     logits -= logits.max(-1, keepdims=True)
     lprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -lprobs[np.arange(len(lengths)), lengths].sum()
@@ -434,7 +434,7 @@ def test_latent_length_loss_is_the_cross_entropy_of_the_number_of_latents(tmp_pa
     assert int(log["length_correct"]) == int((lprobs.argmax(-1) == lengths).sum())
     criterion.length_loss_factor = 0.0
     without, _, _ = criterion(model, sample)
-    gate = criterion.latent_loss_weight * out["latent_loss_weight"]
+    gate = criterion.latent_loss_weight * out["losses"]["length"]["factor"]
     assert gate > 0 and float(loss - without) == pytest.approx(gate * 0.1 * want / 5 * log["sample_size"], rel=1e-4)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from fairseq_helpers import TINY, USER_DIR
 from fairseq_helpers import make_sample as helpers_make_sample
-from vq_nat.models.latent_transformer import annealed_temperature, masking_probability
+from vq_nat.models.curriculum import annealed_temperature, masking_probability
 from vq_nat.modules.compression import Compressor, Decompressor, conv_btc
 from vq_nat.modules.denoising import word_dropout, word_shuffle
 
@@ -97,9 +97,9 @@ def test_train_step_passes_the_update_number_to_the_model(built):
     assert model.decoder.num_updates == 37
     assert log["masking"] == pytest.approx(masking_probability(37, 100))
     # the latent-predictor loss is gated until --latent-loss-start (default: --mask-startup-steps)
-    assert model.decoder.latent_loss_weight() == 0.0
+    assert model.decoder.latent_gate() == 0.0
     model.set_num_updates(101)
-    assert model.decoder.latent_loss_weight() == 1.0
+    assert model.decoder.latent_gate() == 1.0
 
 
 def test_latent_targets_end_symbol_after_each_sentence(built):
@@ -107,15 +107,16 @@ def test_latent_targets_end_symbol_after_each_sentence(built):
     model.eval()
     sample = make_sample(task, [2, 7, 16])  # 3, 8, 17 tokens with EOS -> 1, 1, 3 latents (nc = 3)
     out = model(**sample["net_input"], target=sample["target"])
-    lt = out["latent_targets"]  # (B, L + 1, blocks, K + 1)
-    k = model.decoder.num_codes
-    assert lt.shape == (3, 4, 1, k + 1)
+    term = out["losses"]["lp"]
+    lt, valid = term["tgt"], term["mask"]  # (B, L + 1, blocks, m) sampled codes, (B, L + 1)
+    k, m = model.decoder.num_codes, model.decoder.bottleneck.num_samples
+    assert lt.shape == (3, 4, 1, m) and term["out"].shape == (3, 4, 1, k + 1)
     lengths = (~out["latent_padding_mask"]).sum(1).tolist()
     assert lengths == [1, 1, 3]
     for i, n in enumerate(lengths):
-        assert lt[i, n, 0, k] == 1.0  # END right after the last latent
-        assert torch.allclose(lt[i, :n, 0, :k].sum(-1), torch.ones(n))  # averaged one-hots of the samples
-        assert (lt[i, n + 1 :] == 0).all()
+        assert (lt[i, n] == k).all()  # END right after the last latent
+        assert (lt[i, :n] < k).all()  # the m sampled codes of each latent
+        assert valid[i, : n + 1].all() and not valid[i, n + 1 :].any()
     assert out["features"].shape[:2] == sample["target"].shape
 
 
@@ -305,7 +306,8 @@ def test_latent_input_gradient(tmp_path, mode):
     model.train()
     sample = make_sample(task, [5, 11])
     out = model(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], target=sample["target"])
-    lp = -(out["latent_targets"] * torch.log_softmax(out["latent_logits"], -1)).sum()
+    term = out["losses"]["lp"]
+    lp = -torch.log_softmax(term["out"], -1).gather(-1, term["tgt"])[term["mask"]].sum()
     lp.backward()
     grad = sum(float(p.grad.abs().sum()) for p in model.decoder.compressor.parameters() if p.grad is not None)
     assert (grad == 0.0) == (mode == "stop")

@@ -81,9 +81,10 @@ def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_
     model.train()
     torch.manual_seed(7)
     out = model(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], target=sample["target"])
-    targets = out["latent_targets"]
-    assert targets.shape == (*out["latent_padding_mask"].shape, 1, dec.num_codes)
-    has_target = targets.sum(-1)[..., 0] > 0
+    term = out["losses"]["lp"]
+    assert term["tgt"].shape == (*out["latent_padding_mask"].shape, 1, 3)  # the 3 soft-EM samples per latent
+    assert term["out"].shape == (*out["latent_padding_mask"].shape, 1, dec.num_codes)  # K codes, no END
+    has_target = term["mask"]
     assert not (has_target & out["latent_padding_mask"]).any()
     n_glanced = int((~has_target & ~out["latent_padding_mask"]).sum())
     assert n_glanced > 0
@@ -114,7 +115,7 @@ def test_the_one_pass_preset(tmp_path, monkeypatch):
 
 
 def test_glancing_ratio_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="latent-glancing-ratio must be in"):
+    with pytest.raises(ValueError, match=r"--latent-glancing-ratio must be a finite number in \[0.0, 1.0\], got 1.5"):
         _model(tmp_path, PARALLEL + ["--latent-glancing-ratio", "1.5"])
     with pytest.raises(ValueError, match="applies to --latent-predictor parallel only"):
         _model(tmp_path, ["--bottleneck", "em", "--latent-glancing-ratio", "0.3"])

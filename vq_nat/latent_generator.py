@@ -1,18 +1,18 @@
 """Non-autoregressive generator of the Latent Transformer, returned by ``latent_translation.build_generator``.
 
-encode x -> predict the latents autoregressively (greedy, cached incremental decoding, early stop per
-sentence at the end-of-latents symbol) -> one parallel decoder pass over the decompressed span -> cut at the
-first EOS. Returns fairseq hypothesis dicts, so ``fairseq-generate`` prints its usual S/T/H/D/P lines and
-``--scoring sacrebleu``, ``--remove-bpe``, ``--batch-size`` and ``fairseq-interactive`` behave as usual.
+encode x -> predict the latents (autoregressive predictor: greedy, cached incremental decoding, early stop per
+sentence at the end-of-latents symbol; parallel predictor: the length classifier's number of latents, then one
+pass) -> one parallel decoder pass over the decompressed span -> cut at the first EOS. Returns fairseq
+hypothesis dicts, so ``fairseq-generate`` prints its usual S/T/H/D/P lines and ``--scoring sacrebleu``,
+``--remove-bpe``, ``--batch-size`` and ``fairseq-interactive`` behave as usual.
 
 Noisy parallel decoding (NPD, Gu et al. 2018; the paper's Table 1 NPD rows), ``npd_candidates`` = k > 1: every
 sentence gets k latent sequences -- the greedy one plus k - 1 drawn from the latent predictor -- which are
 decoded together in the same parallel pass (a batch of B·k); the autoregressive ``npd_teacher`` scores the
 candidates in one teacher-forced pass and the candidate with the best mean token log-probability under the
-teacher is returned. Sampled latents often decode to the same tokens (on Multi30k about 30% of the B·k
-candidates are distinct): the teacher scores each distinct (sentence, candidate) once, through its own encoder and
-decoder (``extract_features`` + ``output_layer``), encoding each source once and projecting only real positions onto
-the vocabulary.
+teacher is returned. Sampled latents often decode to the same tokens: the teacher scores each distinct
+(sentence, candidate) once, through its own encoder and decoder (``extract_features`` + ``output_layer``),
+encoding each source once and projecting only real positions onto the vocabulary.
 Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
 
 Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best latent sequences of the latent
@@ -81,15 +81,28 @@ class LatentGenerator:
         self.max_len_b = max_len_b
         self.symbols_to_strip_from_output = {self.eos}
 
-    def cuda(self):
-        return self
+    def check_model(self, model) -> None:
+        """The decoding options that depend on the model, checked once when the generator is built."""
+        predictor = model.decoder.latent_predictor
+        if self.latent_beam > 1 and predictor.parallel:
+            raise ValueError("--latent-beam searches over autoregressive latent sequences: a model with "
+                             "--latent-predictor parallel takes --latent-length-beam instead")
+        if self.latent_beam > 1 and predictor.num_blocks != 1:
+            raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
+        if self.length_beam > 1 and not predictor.predict_length:
+            raise ValueError("--latent-length-beam needs a model with a length classifier "
+                             "(--latent-predictor parallel or --latent-length-prediction)")
+        if self.latent_end_penalty != 0.0 and predictor.predict_length:
+            raise ValueError("--latent-end-penalty has no effect on a model with a length classifier: its END "
+                             "comes at the predicted number of latents")
 
     @torch.no_grad()
     def generate(self, models, sample: Dict, **kwargs) -> List[List[Dict]]:
         if len(models) > 1:
             logger.warning("LatentGenerator decodes with the first model only (no ensembling)")
         model = models[0]
-        if model.training:  # fairseq-generate/-interactive already did this; eval() walks every module (1.7 ms)
+        self.check_model(model)
+        if model.training:  # fairseq-generate/-interactive already did this; eval() walks every module
             model.eval()
         if kwargs.get("prefix_tokens") is not None:
             raise ValueError("the latent transformer decodes in parallel: --prefix-size is not supported")
@@ -118,9 +131,6 @@ class LatentGenerator:
         dec = model.decoder
         beam_scores, lengths, length_ok = None, None, None
         if self.latent_beam > 1:
-            if dec.latent_predictor.parallel:
-                raise ValueError("--latent-beam searches over autoregressive latent sequences: a model with "
-                                 "--latent-predictor parallel takes --latent-length-beam instead")
             b, beam = src_tokens.size(0), self.latent_beam
             codes, latent_pad, beam_scores = dec.latent_predictor.beam_search(
                 encoder_out, dec.bottleneck.embed_codes, dec.latent_limit(int(limits.max())), b, beam,
@@ -135,9 +145,6 @@ class LatentGenerator:
                 limits, budget = limits[order], budget[order]
             given = dict(codes=codes, latent_pad=latent_pad)
         if self.length_beam > 1:  # B * l rows: the l most probable latent lengths of each sentence
-            if not dec.latent_predictor.predict_length:
-                raise ValueError("--latent-length-beam needs a model with a length classifier "
-                                 "(--latent-predictor parallel or --latent-length-prediction)")
             b, k = src_tokens.size(0), self.length_beam
             top, top_lp = dec.latent_predictor.top_lengths(encoder_out, dec.latent_limit(int(limits.max())),
                                                            budget, beam=k)

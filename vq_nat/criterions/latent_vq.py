@@ -1,15 +1,22 @@
-"""Criterion ``latent_vq``: reconstruction + commitment/codebook + latent-predictor losses (t2t transformer_nat).
+"""Criterion ``latent_vq``: the sum of the model's named loss terms (t2t transformer_nat's "training", "extra" and
+"latent_pred" losses), one generic loop as fairseq's ``nat_loss``.
 
-    loss = CE(y | decoder(z_q))  +  bottleneck loss (beta * commitment, eq.2 [+ eq.3])  +  w * g(t) * CE_lp
-           [+ w * g(t) * a * CE_length]          (with --latent-length-prediction; a = --length-loss-factor)
+The model's training forward returns ``{"losses": {name: term}, "stats": {...}}``. A term is either a
+classification, ``{"out": logits (..., C), "tgt": (...) class indices or (..., m) sampled classes, "mask": (...)
+bool (optional), "factor": f, "ls": bool, "acc": bool, "nll_loss": bool}``, whose loss is the mean over the
+(masked) rows of -log p(tgt) (with m samples: -(1/m) sum_s log p(tgt_s), the cross-entropy against the average
+of their one-hots, summed over any dimensions between the rows and the classes), or a ready mean
+``{"loss": scalar, "factor": f}``. Then
 
-each term a mean (per target token, per latent scalar, per latent position, per sentence), as tensor2tensor sums its
-"training", "extra" and "latent_pred" losses; g(t) is the latent-loss gate (0 until ``--latent-loss-start``).
-The returned loss is that mean times ``sample_size`` (= target tokens), fairseq's convention. Every term is
-logged through fairseq's metrics (cross-entropies in base 2), with the code perplexity ``code_ppl``, the fraction of codes
-used ``codes_used``, the E-step posterior's entropy ``post_ent`` (nats; VQ bottlenecks), the information a latent
-carries about its position ``code_info`` (nats, H(batch mean posterior) - post_ent; VQ bottlenecks) and, for soft EM, the
-number of distinct codes among each latent's m samples ``sample_codes`` (1.0: soft EM behaves as hard EM).
+    loss = sum_terms  w_name * factor * mean_term,        w_lp = --latent-loss-weight, w_length = w_lp * a
+
+(a = --length-loss-factor; the model's factor is the latent-loss gate, 0 until ``--latent-loss-start``),
+returned times ``sample_size`` (= target tokens), fairseq's convention. ``ls`` terms (the token reconstruction)
+take ``--label-smoothing``. Logged per term: ``{name}_loss`` (cross-entropies in bits per row), ``{name}_acc``
+where ``acc``; and the model's statistics: the code perplexity ``code_ppl``, the fraction of codes used
+``codes_used``, the E-step posterior's entropy ``post_ent`` (nats; VQ bottlenecks), the information a latent
+carries about its position ``code_info`` (nats; VQ bottlenecks), for soft EM the number of distinct codes among
+each latent's m samples ``sample_codes`` (1.0: soft EM behaves as hard EM), and the decoder-input ``masking``.
 """
 import math
 from dataclasses import dataclass, field
@@ -21,14 +28,17 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass import FairseqDataclass
 
-from ..modules import distinct_samples
+from ..models.bottleneck import mode_codes
+
+# statistics averaged over batches (the others over the real latents, ``nreal_latents``)
+_PER_BATCH = {"code_ppl": 1, "codes_used": 3, "code_info": 3, "masking": 3}
+_PER_LATENT = {"post_ent": 3, "sample_codes": 2}
 
 
 class SoftmaxNLL(torch.autograd.Function):
     """sum_i -log softmax(logits_i)[t_i] (fp32), whose backward writes the gradient softmax - onehot in place
     over the saved log-probabilities: one pass over the (N, V) matrix instead of a zero-filled (N, V) gradient of
-    ``nll_loss`` followed by ``log_softmax``'s backward (measured: 30 ms of zero-filling per update at Multi30k
-    batch size on CPU)."""
+    ``nll_loss`` followed by ``log_softmax``'s backward."""
 
     @staticmethod
     def forward(ctx, logits, target):
@@ -52,16 +62,57 @@ class LatentVQCriterionConfig(FairseqDataclass):
     latent_loss_weight: float = field(default=1.0, metadata={"help": "weight of the latent-predictor loss"})
     length_loss_factor: float = field(default=0.1, metadata={
         "help": "weight of the latent-length classifier's loss relative to the latent-predictor loss (models "
-                "with --latent-length-prediction; fairseq NAT's --length-loss-factor)"})
+                "with --latent-length-prediction or --latent-predictor parallel; fairseq NAT's --length-loss-factor)"})
 
 
 @register_criterion("latent_vq", dataclass=LatentVQCriterionConfig)
 class LatentVQCriterion(FairseqCriterion):
     def __init__(self, task, label_smoothing=0.0, latent_loss_weight=1.0, length_loss_factor=0.1):
         super().__init__(task)
+        for name, value, high in (("label_smoothing", label_smoothing, 1.0),
+                                  ("latent_loss_weight", latent_loss_weight, math.inf),
+                                  ("length_loss_factor", length_loss_factor, math.inf)):
+            if not (0.0 <= value < high and math.isfinite(value)):
+                interval = "[0, 1)" if high == 1.0 else "[0, inf)"
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {interval}, got {value}")
         self.eps = label_smoothing
         self.latent_loss_weight = latent_loss_weight
         self.length_loss_factor = length_loss_factor
+
+    def weight(self, name: str) -> float:
+        """The criterion's own weight of a loss term (the model's ``factor`` is its gate)."""
+        if name == "lp":
+            return self.latent_loss_weight
+        if name == "length":
+            return self.latent_loss_weight * self.length_loss_factor
+        return 1.0
+
+    def classification(self, term):
+        """(summed loss, summed NLL, number of rows, number of rows right or None) of a classification term."""
+        out, tgt, mask = term["out"], term["tgt"], term.get("mask")
+        if mask is not None:
+            out, tgt = out[mask], tgt[mask]
+        count = out.size(0)
+        eps = self.eps if term.get("ls", False) else 0.0
+        correct = None
+        if tgt.dim() == out.dim() - 1 and term.get("ls", False) and eps == 0.0:
+            # token reconstruction: its gradient softmax - onehot in one pass over the (N, V) logits
+            nll = loss = SoftmaxNLL.apply(out.reshape(-1, out.size(-1)), tgt.reshape(-1))
+        else:
+            lprobs = F.log_softmax(out.float(), dim=-1)
+            if tgt.dim() == out.dim() - 1:  # class indices
+                if eps > 0:
+                    loss, nll = label_smoothed_nll_loss(lprobs.reshape(-1, lprobs.size(-1)), tgt.reshape(-1), eps,
+                                                        ignore_index=self.padding_idx)
+                else:
+                    nll = loss = -lprobs.gather(-1, tgt.unsqueeze(-1)).sum()
+                gold = tgt
+            else:  # m sampled classes per row: the mean of their log-probabilities
+                nll = loss = -lprobs.gather(-1, tgt).mean(-1).sum()
+                gold = mode_codes(tgt)
+            if term.get("acc", False):
+                correct = (lprobs.argmax(-1) == gold).reshape(count, -1).all(-1).sum()
+        return loss, nll, count, correct
 
     def forward(self, model, sample, reduce=True):
         target = sample["target"]
@@ -69,68 +120,32 @@ class LatentVQCriterion(FairseqCriterion):
         out = model(
             net_input["src_tokens"], net_input["src_lengths"], target=target, ae_input=sample.get("ae_input")
         )
-        ntokens = sample["ntokens"]
-        sample_size = ntokens
-
-        # reconstruction: only the real target positions go through the output projection and the softmax
-        real = target.ne(self.padding_idx)
-        logits = model.decoder.output_layer(out["features"][real])  # (ntokens, V)
-        if self.eps > 0:
-            lprobs = F.log_softmax(logits.float(), dim=-1)
-            recon, nll = label_smoothed_nll_loss(lprobs, target[real], self.eps, ignore_index=self.padding_idx)
-        else:  # plain NLL, its gradient softmax - onehot in one pass over the (ntokens, V) logits
-            nll = SoftmaxNLL.apply(logits, target[real])
-            recon = nll
-
-        # latent predictor: cross-entropy against one-hot / averaged sample one-hots; autoregressive: END included,
-        # (B, L + 1, blocks, K + 1); parallel: (B, L, blocks, K), glanced positions all-zero (neither loss nor
-        # lp_acc counts them; diagnose.py gives the accuracy of a pass without glancing)
-        lp_targets = out["latent_targets"]
-        lp_lprobs = F.log_softmax(out["latent_logits"].float(), dim=-1)
-        lp_valid = lp_targets.sum(-1) > 0  # (B, L + 1, blocks)
-        lp_loss = -(lp_targets * lp_lprobs).sum(-1).masked_fill(~lp_valid, 0.0).sum()
-        n_lp = lp_valid[..., 0].sum()
-        lp_correct = ((lp_lprobs.argmax(-1) == lp_targets.argmax(-1)) & lp_valid).all(-1) & lp_valid[..., 0]
-
+        sample_size = sample["ntokens"]
         logging_output = {}
-        q = out["bottleneck"]
-        latent_real = ~out["latent_padding_mask"]
-        if q.posterior_entropy is not None:
-            logging_output["post_ent"] = q.posterior_entropy.data * latent_real.sum()
-        if q.information is not None:  # a batch statistic, averaged over batches as code_ppl
-            logging_output["code_info"] = q.information.data
-        if getattr(model.decoder.bottleneck, "assignment", None) == "soft":
-            # distinct codes among each latent's m soft-EM samples (1 = the samples are all one code: hard EM)
-            distinct = distinct_samples(q.codes)
-            distinct = distinct if distinct.dim() == latent_real.dim() else distinct.mean(-1)
-            logging_output["sample_codes"] = (distinct * latent_real).sum().data
-        gate = self.latent_loss_weight * out["latent_loss_weight"]
-        mean_loss = recon / max(ntokens, 1) + q.loss.float() + gate * lp_loss / n_lp.clamp(min=1)
-        if out.get("length_logits") is not None:  # the number of latents of each sentence, from the source
-            lengths = latent_real.sum(1)
-            length_lprobs = F.log_softmax(out["length_logits"].float(), dim=-1)
-            length_loss = -length_lprobs.gather(1, lengths.unsqueeze(1)).sum()
-            mean_loss = mean_loss + gate * self.length_loss_factor * length_loss / target.size(0)
-            logging_output["length_loss"] = length_loss.data
-            logging_output["length_correct"] = (length_lprobs.argmax(-1) == lengths).sum().data
+        mean_loss, nll_loss = 0.0, None
+        for name, term in out["losses"].items():
+            scale = self.weight(name) * term.get("factor", 1.0)
+            if "loss" in term:  # a ready mean
+                mean_loss = mean_loss + scale * term["loss"].float()
+                logging_output[f"{name}_loss"] = term["loss"].data * sample_size
+                continue
+            loss, nll, count, correct = self.classification(term)
+            mean_loss = mean_loss + scale * loss / max(count, 1)
+            logging_output[f"{name}_loss"] = loss.data
+            logging_output[f"{name}_count"] = count
+            if correct is not None:
+                logging_output[f"{name}_correct"] = correct.data
+            if term.get("nll_loss", False):
+                nll_loss = nll.data
         loss = mean_loss * sample_size
-
+        logging_output.update({k: (v.data if torch.is_tensor(v) else v) for k, v in out["stats"].items()})
         logging_output.update({
             "loss": loss.data,
-            "nll_loss": nll.data,
-            "recon_loss": recon.data,
-            "vq_loss": q.loss.data * sample_size,
-            "lp_loss": lp_loss.data,
-            "lp_correct": lp_correct.sum().data,
-            "nlatents": n_lp.data,
-            "ntokens": ntokens,
+            "nll_loss": nll_loss if nll_loss is not None else loss.new_zeros(()),
+            "ntokens": sample["ntokens"],
             "nsentences": target.size(0),
             "sample_size": sample_size,
-            "code_ppl": q.perplexity.data,
-            "codes_used": q.codes_used.data,
-            "masking": out["masking"],
             "nbatches": 1,
-            "nreal_latents": latent_real.sum().data,
         })
         return loss, sample_size, logging_output
 
@@ -139,30 +154,30 @@ class LatentVQCriterion(FairseqCriterion):
         def total(key):
             return utils.item(sum(log.get(key, 0) for log in logging_outputs))
 
-        sample_size, ntokens, nlatents = total("sample_size"), total("ntokens"), total("nlatents")
+        keys = dict.fromkeys(k for log in logging_outputs for k in log)
+        sample_size, ntokens = total("sample_size"), total("ntokens")
         nbatches = max(total("nbatches"), 1)
         ln2 = math.log(2)
         metrics.log_scalar("loss", total("loss") / max(sample_size, 1) / ln2, sample_size, round=3)
         metrics.log_scalar("nll_loss", total("nll_loss") / max(ntokens, 1) / ln2, ntokens, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-        metrics.log_scalar("recon_loss", total("recon_loss") / max(ntokens, 1) / ln2, ntokens, round=3)
-        metrics.log_scalar("vq_loss", total("vq_loss") / max(sample_size, 1), sample_size, round=4)
-        metrics.log_scalar("lp_loss", total("lp_loss") / max(nlatents, 1) / ln2, nlatents, round=3)
-        metrics.log_scalar("lp_acc", total("lp_correct") / max(nlatents, 1), nlatents, round=3)
-        metrics.log_scalar("code_ppl", total("code_ppl") / nbatches, nbatches, round=1)
-        metrics.log_scalar("codes_used", total("codes_used") / nbatches, nbatches, round=3)
+        for key in keys:
+            if not key.endswith("_loss") or key in ("loss", "nll_loss"):
+                continue
+            name = key[: -len("_loss")]
+            if f"{name}_count" in keys:  # a cross-entropy: bits per row
+                count = total(f"{name}_count")
+                metrics.log_scalar(key, total(key) / max(count, 1) / ln2, count, round=3)
+                if f"{name}_correct" in keys:
+                    metrics.log_scalar(f"{name}_acc", total(f"{name}_correct") / max(count, 1), count, round=3)
+            else:  # a ready mean, logged as it is
+                metrics.log_scalar(key, total(key) / max(sample_size, 1), sample_size, round=4)
         nreal = total("nreal_latents")
-        if any("post_ent" in log for log in logging_outputs):
-            metrics.log_scalar("post_ent", total("post_ent") / max(nreal, 1), nreal, round=3)
-        if any("code_info" in log for log in logging_outputs):
-            metrics.log_scalar("code_info", total("code_info") / nbatches, nbatches, round=3)
-        if any("sample_codes" in log for log in logging_outputs):
-            metrics.log_scalar("sample_codes", total("sample_codes") / max(nreal, 1), nreal, round=2)
-        metrics.log_scalar("masking", total("masking") / nbatches, nbatches, round=3)
-        if any("length_loss" in log for log in logging_outputs):
-            nsentences = max(total("nsentences"), 1)
-            metrics.log_scalar("length_loss", total("length_loss") / nsentences / ln2, nsentences, round=3)
-            metrics.log_scalar("length_acc", total("length_correct") / nsentences, nsentences, round=3)
+        for key in keys:
+            if key in _PER_BATCH:
+                metrics.log_scalar(key, total(key) / nbatches, nbatches, round=_PER_BATCH[key])
+            elif key in _PER_LATENT:
+                metrics.log_scalar(key, total(key) / max(nreal, 1), nreal, round=_PER_LATENT[key])
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

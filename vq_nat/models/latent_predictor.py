@@ -1,11 +1,11 @@
 """The latent predictor: an autoregressive transformer over the latent codes, conditioned on the source.
 
-Trained with cross-entropy against the bottleneck's ``targets`` (one-hot for hard EM, the average of the m
-sampled one-hots for soft EM: the paper's label smoothing, §3.2). Its vocabulary is the K codes plus one
-**end-of-latents** symbol (index K): the latent sequence of a target of n tokens (EOS included) has
-ceil(n / 2^nc) codes followed by END, so at inference the predictor decides the latent length itself and
-stops early per sentence. With product quantization it predicts the ``num_blocks`` codes of a position with
-one softmax each (END is read from block 0).
+Trained with cross-entropy against the bottleneck's codes (one-hot for hard EM, the average of the m sampled
+one-hots for soft EM: the paper's label smoothing, §3.2; given as the m codes, ``bottleneck.sampled_codes``).
+Its vocabulary is the K codes plus one **end-of-latents** symbol (index K): the latent sequence of a target
+of n tokens (EOS included) has ceil(n / 2^nc) codes followed by END, so at inference the predictor decides the
+latent length itself and stops early per sentence. With product quantization it predicts the ``num_blocks``
+codes of a position with one softmax each (END is read from block 0).
 
 Latent length prediction (``predict_length``, ``--latent-length-prediction``; beyond the paper, as the length
 classifier of fairseq's NAT, Gu et al. 2018): a classifier on the mean source encoding predicts the number of

@@ -2,26 +2,28 @@
 
     source x --TransformerEncoder--> h_x
     target y --embed--> Compressor (residual convs + nc stride-2 convs) --> z_e (n / 2^nc positions)
-             --bottleneck (VQ hard EM / soft EM / Gumbel / semhash)--> z_q, codes
-    LatentPredictor(h_x, codes<j) --> p(code_j)              (autoregressive, trained on ``targets``)
-      or ParallelLatentPredictor(h_x, L) --> p(code_j), j < L  (--latent-predictor parallel: one pass)
+             --bottleneck (VQ hard EM / soft EM / Gumbel / semhash)--> z_q, codes      (autoencoder.py, bottleneck.py)
+    LatentPredictor(h_x, codes<j) --> p(code_j)   (autoregressive, trained on the sampled codes; latent_predictor.py)
+      or ParallelLatentPredictor(h_x, L) --> p(code_j), j < L     (--latent-predictor parallel: one pass)
     Decompressor(z_q) --> d (n positions) --causal transformer decoder, attends h_x--> all tokens in one pass
+                                                                                              (parallel_decoder.py)
 
 Follows tensor2tensor ``transformer_nat``: the decoder is fed the decompressed latents shifted right, with causal
 self-attention (no token feedback, so decoding is still one parallel pass); during the first
 ``--mask-startup-steps`` updates a growing fraction of its inputs are the gold target embeddings instead
-(``masking`` schedule below); the latent-predictor loss counts only after ``--latent-loss-start`` updates.
+(the masking schedule of curriculum.py); the latent-predictor loss counts only after ``--latent-loss-start``
+updates. This file: the model, its options (checked by options.py) and architectures, and ``LatentDecoder``,
+which holds the modules and whose training forward returns the named loss terms of the ``latent_vq`` criterion.
 Deliberate differences (documented in the README): padded positions are masked everywhere (t2t counts them in
 the commitment loss, the EMA and the prior loss); the latent length is decided by an END symbol of the latent
 predictor instead of being fixed at 2x the source length; the decoder emits EOS within the decompressed span.
 """
 import logging
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from fairseq.models import (
     FairseqDecoder,
     FairseqEncoderDecoderModel,
@@ -34,74 +36,20 @@ from fairseq.modules import LayerNorm, SinusoidalPositionalEmbedding, Transforme
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
 
-from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer
 from ..modules.compression import Compressor, Decompressor
-from ..modules.schedules import inverse_exp_decay, inverse_lin_decay
-from .latent_predictor import LatentPredictor, causal_mask, unpack_encoder_out
-from .parallel_latent_predictor import ParallelLatentPredictor, glancing_count, random_positions
+from .autoencoder import TargetAutoencoder
+from .bottleneck import (BOTTLENECKS, autoregressive_targets, bottleneck_stats, build_bottleneck, mode_codes,
+                         sampled_codes)
+from .curriculum import Curriculum
+from .latent_predictor import LatentPredictor
+from .options import check_args
+from .parallel_decoder import ParallelDecoder
+from .parallel_latent_predictor import ParallelLatentPredictor
+from .presets import apply_size
 
 logger = logging.getLogger(__name__)
 
-BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
 LATENT_PREDICTORS = ("autoregressive", "parallel")
-# logits computed at once when decoding (1M fp32 = 4 MB): rows per chunk = this // vocabulary size
-_CHUNK_LOGITS = 1 << 20
-
-
-def masking_probability(step: int, mask_startup_steps: int) -> float:
-    """Fraction of decoder inputs taken from the latents (the rest are gold embeddings), t2t ``transformer_nat``:
-
-    masking = clip(inverse_lin_decay(M) * inverse_exp_decay(M // 4), 0, 1), with
-    inverse_lin_decay(M) = 0.01 + 0.99 * min(step / M, 1) and inverse_exp_decay(M') = 0.01 ** (max(M' - step, 0) / M').
-    """
-    if mask_startup_steps <= 0:
-        return 1.0
-    step = torch.tensor(float(step))
-    masking = inverse_lin_decay(mask_startup_steps, step) * inverse_exp_decay(max(mask_startup_steps // 4, 1), step)
-    return float(masking.clamp(0.0, 1.0))
-
-
-def annealed_temperature(step: int, start: float, anneal_updates: int) -> float:
-    """Soft EM's E-step temperature at update ``step``, annealed geometrically from ``start`` to the paper's 1:
-
-    T(step) = start ** (1 - min(step / anneal_updates, 1)); constant ``start`` when anneal_updates <= 0.
-    """
-    if anneal_updates <= 0:
-        return float(start)
-    return float(start) ** (1.0 - min(step / anneal_updates, 1.0))
-
-
-def build_bottleneck(args, dim: int) -> nn.Module:
-    kind = args.bottleneck
-    if kind in ("vq", "em"):
-        t = args.soft_em_temperature
-        if not 0.0 < t < float("inf"):  # T <= 0 would assign every latent to its farthest code
-            raise ValueError(f"--soft-em-temperature must be a positive finite number, got {t}")
-        return VectorQuantizer(
-            num_codes=args.num_codes,
-            dim=dim,
-            assignment="hard" if kind == "vq" else "soft",
-            num_samples=args.num_samples,
-            update=args.codebook_update,
-            decay=args.codebook_decay,
-            epsilon=args.codebook_epsilon,
-            beta=args.commitment_beta,
-            num_blocks=args.num_blocks,
-            temperature=args.soft_em_temperature,
-            init_std=args.codebook_init_std,
-            kmeans_init=args.kmeans_init,
-            dead_code_threshold=args.dead_code_threshold,
-        )
-    if args.num_blocks != 1:
-        raise ValueError(f"--num-blocks applies to --bottleneck vq/em only, not {kind}")
-    if kind == "gumbel":
-        return GumbelSoftmaxQuantizer(num_codes=args.num_codes, dim=dim)
-    if kind == "semhash":
-        bits = int(round(math.log2(args.num_codes)))
-        if 2**bits != args.num_codes:
-            raise ValueError(f"--bottleneck semhash needs --num-codes a power of 2, got {args.num_codes}")
-        return SemanticHashingQuantizer(num_bits=bits, dim=dim)
-    raise ValueError(f"unknown --bottleneck {kind!r}; choose from {BOTTLENECKS}")
 
 
 @register_model("latent_transformer")
@@ -185,6 +133,7 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
+        check_args(args)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
         if args.share_all_embeddings:
             if src_dict != tgt_dict:
@@ -211,8 +160,8 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         return cls(args, encoder, decoder)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens=None, target=None, ae_input=None, **kwargs):
-        """Training forward: returns the decoder's dict of outputs (token logits, bottleneck output, latent
-        predictor logits and targets). ``ae_input`` is the (possibly noised) target fed to the autoencoder."""
+        """Training forward: the loss terms and statistics of ``LatentDecoder.forward`` (what the ``latent_vq``
+        criterion sums). ``ae_input`` is the (possibly noised) target fed to the autoencoder."""
         if target is None:
             raise ValueError("LatentTransformerModel.forward needs the target (use the latent_vq criterion)")
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
@@ -235,8 +184,10 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
             ) from e
 
 
-class LatentDecoder(FairseqDecoder):
-    """Autoencoder (compress + bottleneck), latent predictor and parallel decoder; see the module docstring."""
+class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecoder):
+    """The modules of the target autoencoder (``autoencoder.py``: compressor + bottleneck), the latent predictor
+    (``latent_predictor.py`` / ``parallel_latent_predictor.py``) and the parallel decoder (``parallel_decoder.py``),
+    trained on the curriculum of ``curriculum.py``; its training forward is the loss contract of ``latent_vq``."""
 
     def __init__(self, args, dictionary, embed_tokens):
         super().__init__(dictionary)
@@ -256,18 +207,14 @@ class LatentDecoder(FairseqDecoder):
             else args.mask_startup_steps
         )
         self.num_updates = 0
-        self.stop_latent_gradient = getattr(args, "latent_input_gradient", "flow") == "stop"
-        self.glancing_ratio = getattr(args, "glancing_ratio", 0.0) or 0.0
+        self.stop_latent_gradient = args.latent_input_gradient == "stop"
+        self.glancing_ratio = args.glancing_ratio
 
         self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
         self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
         self.bottleneck = build_bottleneck(args, dim)
-        self.anneal_updates = getattr(args, "soft_em_anneal_updates", 0) or 0
-        if self.anneal_updates < 0:
-            raise ValueError(f"--soft-em-anneal-updates must be >= 0, got {self.anneal_updates}")
+        self.anneal_updates = args.soft_em_anneal_updates
         if self.anneal_updates > 0:
-            if args.bottleneck != "em":
-                raise ValueError(f"--soft-em-anneal-updates applies to --bottleneck em only, not {args.bottleneck}")
             self.start_temperature = float(args.soft_em_temperature)
             # the current temperature is saved with the model, so that a loaded checkpoint encodes with it
             self.register_buffer("soft_em_temperature", torch.tensor(self.start_temperature))
@@ -275,30 +222,24 @@ class LatentDecoder(FairseqDecoder):
         self.num_blocks = args.num_blocks if args.bottleneck in ("vq", "em") else 1
         max_latents = (args.max_target_positions + self.factor - 1) // self.factor
         layers = args.latent_layers or args.decoder_layers
-        kind = getattr(args, "latent_predictor", None) or "autoregressive"
-        ratio = getattr(args, "latent_glancing_ratio", None)
-        if kind == "parallel":
+        if args.latent_predictor == "parallel":
+            ratio = args.latent_glancing_ratio
             self.latent_predictor = ParallelLatentPredictor(
                 args, layers, self.num_codes, self.num_blocks, max_latents,
                 glancing_ratio=0.5 if ratio is None else ratio,
             )
-        elif kind == "autoregressive":
-            if ratio is not None:
-                raise ValueError("--latent-glancing-ratio applies to --latent-predictor parallel only")
+        else:
             self.latent_predictor = LatentPredictor(
                 args, layers, self.num_codes, self.num_blocks, max_latents,
-                predict_length=getattr(args, "latent_length_prediction", False),
+                predict_length=args.latent_length_prediction,
             )
-        else:
-            raise ValueError(f"unknown --latent-predictor {kind!r}; choose from {LATENT_PREDICTORS}")
         self.decompressor = Decompressor(dim, self.nc, dropout=args.dropout)
         self.register_buffer(
             "positions",
             SinusoidalPositionalEmbedding.get_embedding(max_latents * self.factor + 2, dim, None),
             persistent=False,
         )
-        no_source = getattr(args, "no_decoder_source_attention", False)
-        self.layers = nn.ModuleList(TransformerDecoderLayer(args, no_encoder_attn=no_source)
+        self.layers = nn.ModuleList(TransformerDecoderLayer(args, no_encoder_attn=args.no_decoder_source_attention)
                                     for _ in range(args.decoder_layers))
         self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
         if args.share_decoder_input_output_embed:
@@ -307,101 +248,22 @@ class LatentDecoder(FairseqDecoder):
             self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
             nn.init.normal_(self.output_projection.weight, std=dim**-0.5)
 
-    # ---------------------------------------------------------------- schedules
-    def set_num_updates(self, num_updates):
-        self.num_updates = num_updates
-        if self.anneal_updates > 0:
-            t = annealed_temperature(num_updates, self.start_temperature, self.anneal_updates)
-            self.soft_em_temperature.fill_(t)
-            self.bottleneck.temperature = t
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.anneal_updates > 0:  # a loaded checkpoint encodes with the temperature it was saved with
-            self.bottleneck.temperature = float(self.soft_em_temperature)
-
-    def masking(self) -> float:
-        if not self.training or self.glancing_ratio > 0:
-            return 1.0
-        return masking_probability(self.num_updates, self.mask_startup_steps)
-
-    @torch.no_grad()
-    def glancing_mask(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, target: Tensor) -> Tensor:
-        """GLAT's glancing sampler (Qian et al. 2021, eq.5-6) for the parallel decoder: decode once without gold
-        inputs, count each sentence's wrong tokens d(y, y_hat), and choose N = ceil(R * d) of its real positions
-        uniformly at random; returns the (B, T) mask of the positions whose gold embedding is fed."""
-        real = target.ne(self.padding_idx)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True,
-                               length=target.size(1))
-        wrong = torch.zeros_like(real)
-        wrong[real] = self.output_layer(features[real]).argmax(-1) != target[real]
-        return random_positions(real, glancing_count(wrong, self.glancing_ratio))
-
-    def latent_loss_weight(self) -> float:
-        """t2t gates the prior loss: it counts iff num_updates > latent_loss_start."""
-        return 1.0 if self.num_updates > self.latent_loss_start else 0.0
-
-    # ---------------------------------------------------------------- pieces
-    def pad_to_multiple(self, tokens: Tensor) -> Tensor:
-        rem = (-tokens.size(1)) % self.factor
-        return F.pad(tokens, (0, rem), value=self.padding_idx) if rem else tokens
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        return self.embed_scale * self.embed_tokens(tokens)
-
-    def encode_target(self, tokens: Tensor, encoder_out: Dict):
-        """Target tokens (B, T'), T' a multiple of 2^nc -> z_e (B, T'/2^nc, H) and its padding mask."""
-        pad = tokens.eq(self.padding_idx)
-        z_e, latent_pad = self.compressor(self.dropout(self.embed(tokens)), pad)
-        if self.ae_attention is not None:
-            enc, enc_mask = unpack_encoder_out(encoder_out)
-            z, _, _ = self.ae_attention(z_e.transpose(0, 1), enc, enc_mask, self_attn_padding_mask=latent_pad)
-            z_e = z.transpose(0, 1).masked_fill(latent_pad.unsqueeze(-1), 0.0)
-        return z_e, latent_pad
-
-    def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
-               masking: float = 1.0, features_only: bool = False, length: Optional[int] = None,
-               use_gold: Optional[Tensor] = None) -> Tensor:
-        """Latents (B, L, H) -> token logits (B, T, V) in one parallel pass, T = L * 2^nc or ``length`` if
-        smaller (``features_only``: the decoder states (B, T, H) before the output projection).
-
-        Each decompressed position is replaced by the gold target embedding with probability 1 - masking
-        (t2t: ``mask = masking < U``) or where ``use_gold`` (B, <= T) is True (glancing), then shifted right into
-        a causal transformer decoder. The decoder is causal,
-        so positions past ``length`` (the batch's longest target, or the decoding budget) would not change the
-        earlier ones: they are not computed."""
-        d, pad = self.decompress(latents, latent_pad)
-        if gold is not None and use_gold is None and masking < 1.0:
-            use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
-        if gold is not None and use_gold is not None:
-            use_gold = F.pad(use_gold, (0, d.size(1) - use_gold.size(1)), value=False)
-            d = torch.where(use_gold.unsqueeze(-1), self.embed(gold).to(d.dtype), d)
-        x = torch.cat([d.new_zeros(d.size(0), 1, d.size(2)), d[:, :-1]], dim=1)  # shift right
-        if length is not None and length < x.size(1):
-            x = x[:, :length]
-            pad = None if pad is None else pad[:, :length]
-        x = self.dropout(x + self.positions[: x.size(1)].to(x.dtype).unsqueeze(0))
-        enc, enc_mask = unpack_encoder_out(encoder_out)
-        x = x.transpose(0, 1)
-        mask = causal_mask(x.size(0), x.device)
-        for layer in self.layers:
-            x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
-        x = x.transpose(0, 1)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        return x if features_only else self.output_layer(x)
-
-    def decompress(self, latents: Tensor, latent_pad: Tensor):
-        """``Decompressor`` output (B, L * 2^nc, H) and its padding mask (None: nothing padded)."""
-        return self.decompressor(latents.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad)
-
-    def output_layer(self, features):
-        weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection.weight
-        return F.linear(features, weight)
-
     # ---------------------------------------------------------------- training forward
     def forward(self, target: Tensor, encoder_out: Dict, ae_input: Optional[Tensor] = None, autoencode: bool = False,
                 **kwargs):
+        """The training forward's loss contract (as fairseq NAT's, summed by the ``latent_vq`` criterion):
+
+        ``{"losses": {name: term}, "stats": {...}, "features": (B, T, H), "latent_padding_mask": (B, L)}``
+
+        recon   CE(y | decoder(z_q)) over the real target tokens: ``out`` (ntokens, V), ``tgt`` (ntokens,)
+        vq      the bottleneck's mean loss (beta * commitment, eq.2 [+ codebook loss, eq.3]): ``loss``
+        lp      the latent predictor's CE against the averaged one-hots of the m sampled codes (§3.2), given as
+                the codes: ``out`` (B, L', blocks, S), ``tgt`` (B, L', blocks, m), ``mask`` (B, L'); autoregressive:
+                L' = L + 1 with END (S = K + 1); parallel: glanced positions masked (S = K)
+        length  (with a length classifier) CE of each sentence's number of latents: ``out`` (B, max + 1), ``tgt`` (B,)
+
+        ``factor`` of lp and length: the gate g(t) (``latent_gate``). ``stats``: ``bottleneck_stats`` and the
+        share of decoder inputs that are latents, ``masking``."""
         if not autoencode:  # fairseq's SequenceGenerator calls decoder(prev_output_tokens, encoder_out=...)
             raise ValueError("a latent_transformer decodes through its own non-autoregressive generator: pass "
                              "--task latent_translation (and --user-dir vq_nat) to fairseq-generate / -interactive")
@@ -409,152 +271,52 @@ class LatentDecoder(FairseqDecoder):
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
-        glance = None
+        masking, glance = self.masking(), None
         if self.training and self.glancing_ratio > 0:
             glance = self.glancing_mask(q.quantized, latent_pad, encoder_out, target)
-        features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=self.masking(),
+        features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=masking,
                                features_only=True, length=target.size(1), use_gold=glance)
+        features = features[:, : target.size(1)]
+        real = target.ne(self.padding_idx)
         lp_input = q.quantized.detach() if self.stop_latent_gradient else q.quantized
         lp_input = lp_input.masked_fill(latent_pad.unsqueeze(-1), 0.0)
-        latent_targets = self.latent_targets(q.targets, latent_pad)
+        samples = sampled_codes(q.codes, latent_pad, self.num_blocks)  # (B, L, blocks, m)
         if self.latent_predictor.parallel:
-            # the codes the glancing sampler compares with: each latent's most probable target code
-            reference = latent_targets[:, :-1, :, : self.num_codes].argmax(-1)
+            # the codes the glancing sampler compares with: each latent's most frequent sampled code
+            reference = mode_codes(samples)
             lp_logits, glanced = self.latent_predictor(lp_input, latent_pad, encoder_out, reference=reference)
-            # K codes, no END; glanced positions are no target
-            latent_targets = latent_targets[:, :-1, :, : self.num_codes].masked_fill(glanced[..., None, None], 0.0)
+            lp_targets, lp_mask = samples, ~latent_pad & ~glanced  # K codes, no END; glanced positions no target
         else:
             lp_logits = self.latent_predictor(lp_input, latent_pad, encoder_out)
-        return {
-            # decoder states of the target positions (B, T, H); the criterion projects only the real tokens
-            # onto the vocabulary (``output_layer``), never the padding
-            "features": features[:, : target.size(1)],
-            "bottleneck": q,
-            "latent_padding_mask": latent_pad,
-            "latent_logits": lp_logits,
-            # (B, L + 1, blocks, K + 1) with END for the autoregressive predictor, (B, L, blocks, K) for the
-            # parallel one; all-zero rows are no target (padding, glanced positions)
-            "latent_targets": latent_targets,
-            # (B, max_latents + 1) with a length classifier, else None; the target is the number of latents
-            "length_logits": self.latent_predictor.length_logits(encoder_out)
-            if self.latent_predictor.predict_length else None,
-            "masking": self.masking() if glance is None
-            else 1.0 - float(glance.sum()) / max(int(target.ne(self.padding_idx).sum()), 1),
-            "latent_loss_weight": self.latent_loss_weight(),
+            lp_targets, lp_mask = autoregressive_targets(samples, latent_pad, self.num_codes)
+        gate = self.latent_gate()
+        losses = {
+            # only the real target positions are projected onto the vocabulary, never the padding
+            "recon": {"out": self.output_layer(features[real]), "tgt": target[real], "ls": True, "nll_loss": True},
+            "vq": {"loss": q.loss},
+            # the averaged one-hots of the m sampled codes (§3.2) as the m codes themselves: (B, L', blocks, m)
+            "lp": {"out": lp_logits, "tgt": lp_targets, "mask": lp_mask, "factor": gate, "acc": True},
         }
-
-    def latent_targets(self, targets: Tensor, latent_pad: Tensor) -> Tensor:
-        """(B, L, [blocks,] K) bottleneck targets -> (B, L + 1, blocks, K + 1) with END after each sentence's
-        last latent; all-zero rows past END (ignored by the loss)."""
-        targets = targets.reshape(*latent_pad.shape, self.num_blocks, -1)
-        b, length = latent_pad.shape
-        t = targets.new_zeros(b, length + 1, self.num_blocks, self.num_codes + 1)
-        t[:, :length, :, : self.num_codes] = targets.masked_fill(latent_pad.view(b, length, 1, 1), 0.0)
-        lengths = (~latent_pad).sum(1)
-        t[torch.arange(b, device=t.device), lengths, :, self.num_codes] = 1.0
-        return t
-
-    # ---------------------------------------------------------------- inference
-    @torch.no_grad()
-    def reference_codes(self, target: Tensor, encoder_out: Dict) -> Tuple[Tensor, Tensor]:
-        """The autoencoder's own codes of a reference ``target`` (B, T): the latents a perfect latent predictor
-        would emit. VQ bottlenecks: the nearest code of every compressed position (eq.1; for soft EM the mode of
-        the E-step posterior); the others: their evaluation-mode codes. Returns codes (B, L[, blocks]) and the
-        latent padding mask (B, L)."""
-        z_e, latent_pad = self.encode_target(self.pad_to_multiple(target), encoder_out)
-        nearest = getattr(self.bottleneck, "nearest_codes", None)
-        codes = nearest(z_e) if nearest is not None else self.bottleneck(z_e, padding_mask=latent_pad).codes
-        return codes, latent_pad
-
-    @torch.no_grad()
-    def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
-                 sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None,
-                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None, end_penalty: float = 0.0,
-                 latent_lengths: Optional[Tensor] = None):
-        """Predict the latents with the latent predictor (autoregressive: greedy, cached, early stop at END;
-        parallel: one pass; rows flagged in ``sample`` draw their codes instead), then decode all target
-        positions in one parallel pass. ``latent_lengths`` (B,): the numbers of latents to predict (a length beam;
-        models with a length classifier).
-
-        ``codes`` (B, L[, blocks]) with their ``latent_pad``: decode these latents instead of predicted ones
-        (teacher-forced decoding with ``reference_codes``: the bound a perfect latent predictor would reach);
-        their latent score is 0. ``end_penalty``: see ``LatentPredictor.generate``.
-
-        Only the positions a hypothesis can use (its latents × 2^nc, at most ``token_budget``) go through the
-        output projection and softmax, packed across the batch: the padded remainder of the batch's longest
-        latent sequence is never projected onto the vocabulary.
-
-        Returns token ids (B, T) (pad past each span), a per-position log-prob (B, T), the latent padding mask
-        (B, L), the codes and the latent log-probabilities (B,)."""
-        enc, _ = unpack_encoder_out(encoder_out)
-        if codes is None:
-            codes, latent_pad, latent_scores = self.latent_predictor.generate(
-                encoder_out, self.bottleneck.embed_codes, self.latent_limit(max_target_len), enc.size(1),
-                sample=sample,
-                end_penalty=end_penalty, budgets=latent_budget, lengths=latent_lengths,
-            )
-        else:
-            if latent_pad is None or latent_pad.shape != codes.shape[:2]:
-                raise ValueError("generate(codes=...) needs their latent padding mask (B, L)")
-            latent_scores = torch.zeros(codes.size(0), device=codes.device)
-        if latent_budget is not None:  # per-sentence budgets, applied before decoding (batching invariance)
-            positions = torch.arange(latent_pad.size(1), device=latent_pad.device).unsqueeze(0)
-            latent_pad = latent_pad | (positions >= latent_budget.unsqueeze(1))
-        latents = self.bottleneck.embed_codes(codes).to(enc.dtype)
-        span = (~latent_pad).sum(1) * self.factor
-        if token_budget is not None:
-            span = torch.minimum(span, token_budget)
-        spans = span.tolist()
-        length = max(spans)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True, length=length)
-        if min(spans) == length:  # every row uses every position (always at batch 1): no packing
-            best, best_tokens = self.best_tokens(features.reshape(-1, features.size(-1)))
-            return best_tokens.view(features.shape[:2]), best.view(features.shape[:2]), latent_pad, codes, \
-                latent_scores
-        used = torch.arange(length, device=span.device).unsqueeze(0) < span.unsqueeze(1)
-        best, best_tokens = self.best_tokens(features[used])
-        tokens = torch.full(used.shape, self.padding_idx, dtype=torch.long, device=features.device)
-        scores = torch.zeros(used.shape, device=features.device)
-        tokens[used] = best_tokens
-        scores[used] = best
-        return tokens, scores, latent_pad, codes, latent_scores
-
-    def latent_limit(self, max_target_len: int) -> int:
-        """The most latents a decoding of at most ``max_target_len`` tokens predicts (≥ 1, within the model)."""
-        return max(1, min((max_target_len + self.factor - 1) // self.factor, self.latent_predictor.max_latents))
-
-    def best_tokens(self, features: Tensor) -> Tuple[Tensor, Tensor]:
-        """Decoder states (R, H) -> the most probable token of each (never <pad> or <s>) and its log-probability
-        (fp32), the softmax normalised over the other tokens.
-
-        In chunks of rows whose (rows x V) logits fit in cache, each projected, normalised and reduced before
-        the next: at batch 64 (1,536 rows, V = 6,040, CPU) half the time of one (R x V) matrix reduced after
-        the projection, whose passes over the matrix then go to memory.
-        """
-        r = features.size(0)
-        best = torch.empty(r, device=features.device)
-        tokens = torch.empty(r, dtype=torch.long, device=features.device)
-        special = torch.tensor([self.padding_idx, self.dictionary.bos()], device=features.device)
-        step = max(16, _CHUNK_LOGITS // len(self.dictionary))
-        for i in range(0, r, step):
-            logits = self.output_layer(features[i : i + step]).index_fill_(1, special, float("-inf"))
-            lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-            torch.max(lprobs, dim=-1, out=(best[i : i + step], tokens[i : i + step]))
-        return best, tokens
+        if self.latent_predictor.predict_length:  # the number of latents of each sentence, from the source
+            losses["length"] = {"out": self.latent_predictor.length_logits(encoder_out),
+                                "tgt": (~latent_pad).sum(1), "factor": gate, "acc": True}
+        stats = bottleneck_stats(self.bottleneck, q, latent_pad)
+        stats["masking"] = masking if glance is None else 1.0 - float(glance.sum()) / max(int(real.sum()), 1)
+        return {
+            "losses": losses,
+            "stats": stats,
+            # for inspection: decoder states of the target positions (B, T, H), latent padding mask (B, L)
+            "features": features,
+            "latent_padding_mask": latent_pad,
+        }
 
     def max_positions(self):
         return self.max_target_positions
 
-    def get_normalized_probs(self, net_output, log_probs, sample=None):
-        if isinstance(net_output, dict):
-            logits = net_output["logits"] if "logits" in net_output else self.output_layer(net_output["features"])
-        else:
-            logits = net_output[0]
-        return F.log_softmax(logits.float(), dim=-1) if log_probs else F.softmax(logits.float(), dim=-1)
 
-
-def _latent_defaults(args, **overrides):
-    for k, v in overrides.items():
+def _latent_defaults(args, **defaults):
+    """The one default idiom of the architectures: set each option the command line left unset (or None)."""
+    for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
 
@@ -575,23 +337,25 @@ def base_architecture(args):
         num_blocks=1,
         soft_em_temperature=1.0,
         soft_em_anneal_updates=0,
+        codebook_init_std=1.0,
+        kmeans_init=False,
         dead_code_threshold=0.0,
+        ae_attend_source=False,
         mask_startup_steps=50000,
-        latent_layers=None,
+        no_decoder_source_attention=False,
         latent_input_gradient="flow",
+        latent_length_prediction=False,
         glancing_ratio=0.0,
         latent_predictor="autoregressive",
+        share_decoder_input_output_embed=True,
+        max_source_positions=1024,
+        max_target_positions=1024,
+        # None: derived from other options (see their --help)
+        latent_layers=None,
+        latent_loss_start=None,
+        latent_glancing_ratio=None,
     )
-    args.latent_glancing_ratio = getattr(args, "latent_glancing_ratio", None)
-    args.codebook_init_std = getattr(args, "codebook_init_std", 1.0)
-    args.kmeans_init = getattr(args, "kmeans_init", False)
-    args.ae_attend_source = getattr(args, "ae_attend_source", False)
-    args.no_decoder_source_attention = getattr(args, "no_decoder_source_attention", False)
-    args.latent_loss_start = getattr(args, "latent_loss_start", None)
-    args.latent_length_prediction = getattr(args, "latent_length_prediction", False)
-    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
-    args.max_source_positions = getattr(args, "max_source_positions", None) or 1024
-    args.max_target_positions = getattr(args, "max_target_positions", None) or 1024
+    apply_size(args, "base")  # vq_nat.models.presets (fairseq's transformer base: d=512, 6+6 layers)
     transformer_base_architecture(args)
 
 
@@ -605,13 +369,7 @@ def latent_transformer_tiny(args):
     decoder-input warm-up and latent loss from update 400, codebook EMA decay 0.99 with dead-code re-seeding
     below 0.1 (with the paper's 0.999 and no re-seeding every code but one or two dies within a few hundred
     updates at this budget)."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 128)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 256)
-    args.encoder_layers = getattr(args, "encoder_layers", 3)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
-    args.decoder_layers = getattr(args, "decoder_layers", 3)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 256)
+    apply_size(args, "tiny")  # vq_nat.models.presets: the one definition of the tiny size
     _latent_defaults(args, num_codes=512, num_compress_steps=1, mask_startup_steps=400, latent_layers=1,
                      codebook_decay=0.99, dead_code_threshold=0.1)
     base_architecture(args)

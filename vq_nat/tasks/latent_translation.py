@@ -9,7 +9,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import torch
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -64,9 +63,26 @@ class LatentTranslationConfig(TranslationConfig):
     )
 
 
+def check_task_options(cfg) -> None:
+    """The task's own options, once when it is set up: ranges (the decoding options are the generator's, checked
+    when it is built)."""
+    for name in ("word_dropout", "word_shuffle"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {value}")
+    if cfg.word_shuffle_distance < 0:
+        raise ValueError(f"--word-shuffle-distance must be an integer >= 0, got {cfg.word_shuffle_distance}")
+    if cfg.word_shuffle > 0 and cfg.word_shuffle_distance == 0:
+        logger.warning("--word-shuffle %s has no effect: --word-shuffle-distance 0 moves no token", cfg.word_shuffle)
+
+
 @register_task("latent_translation", dataclass=LatentTranslationConfig)
 class LatentTranslationTask(TranslationTask):
     cfg: LatentTranslationConfig
+
+    def __init__(self, cfg: LatentTranslationConfig, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        check_task_options(cfg)
 
     def add_noise(self, sample):
         """Noised copy of the target as the autoencoder input (training only; the target itself is kept)."""
@@ -101,8 +117,11 @@ class LatentTranslationTask(TranslationTask):
                 pass
         teacher = None
         if self.cfg.npd_teacher:
+            if self.cfg.npd_candidates == 1 and self.cfg.latent_beam == 1:
+                logger.warning("--npd-teacher has no effect: it rescores the candidates of --npd-candidates K > 1 "
+                               "or --latent-beam K > 1, and neither is given")
             teacher = self.load_npd_teacher(self.cfg.npd_teacher, models)
-        return LatentGenerator(
+        generator = LatentGenerator(
             self.target_dictionary,
             max_len_a=getattr(args, "max_len_a", 0.0),
             max_len_b=getattr(args, "max_len_b", 200),
@@ -113,6 +132,9 @@ class LatentTranslationTask(TranslationTask):
             latent_end_penalty=self.cfg.latent_end_penalty,
             length_beam=self.cfg.latent_length_beam,
         )
+        for model in models[:1]:
+            generator.check_model(model)
+        return generator
 
     def load_npd_teacher(self, path, models):
         from fairseq import checkpoint_utils
@@ -120,6 +142,10 @@ class LatentTranslationTask(TranslationTask):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--npd-teacher: no such checkpoint: {path}")
         (teacher,), _ = checkpoint_utils.load_model_ensemble([path], task=self)
+        if hasattr(teacher, "encode_source"):
+            raise ValueError(f"--npd-teacher {path} is a latent_transformer checkpoint; the teacher must be an "
+                             "autoregressive translation model (e.g. --arch transformer, scripts/train-teacher.sh) "
+                             "with the same dictionaries")
         if len(teacher.decoder.dictionary) != len(self.target_dictionary):
             raise ValueError(f"--npd-teacher {path}: its target dictionary has {len(teacher.decoder.dictionary)} "
                              f"entries, this task's {len(self.target_dictionary)}; it must be trained on the same "
@@ -172,7 +198,3 @@ class LatentTranslationTask(TranslationTask):
                 smooth_method="exp").score, 2)
 
         metrics.log_derived("bleu_oracle", compute)
-
-    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
-        with torch.no_grad():
-            return generator.generate(models, sample, prefix_tokens=prefix_tokens, constraints=constraints)

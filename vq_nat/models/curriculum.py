@@ -1,0 +1,75 @@
+"""The Latent Transformer's training curriculum, functions of the update number (t2t ``transformer_nat``): the
+decoder-input masking warm-up or GLAT's glancing instead, the soft-EM temperature annealing, and the gate of the
+latent-predictor loss. ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them at the current update."""
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from ..modules.schedules import inverse_exp_decay, inverse_lin_decay
+from .parallel_latent_predictor import glancing_count, random_positions
+
+
+def masking_probability(step: int, mask_startup_steps: int) -> float:
+    """Fraction of decoder inputs taken from the latents (the rest are gold embeddings), t2t ``transformer_nat``:
+
+    masking = clip(inverse_lin_decay(M) * inverse_exp_decay(M // 4), 0, 1), with
+    inverse_lin_decay(M) = 0.01 + 0.99 * min(step / M, 1) and inverse_exp_decay(M') = 0.01 ** (max(M' - step, 0) / M').
+    """
+    if mask_startup_steps <= 0:
+        return 1.0
+    step = torch.tensor(float(step))
+    masking = inverse_lin_decay(mask_startup_steps, step) * inverse_exp_decay(max(mask_startup_steps // 4, 1), step)
+    return float(masking.clamp(0.0, 1.0))
+
+
+def annealed_temperature(step: int, start: float, anneal_updates: int) -> float:
+    """Soft EM's E-step temperature at update ``step``, annealed geometrically from ``start`` to the paper's 1:
+
+    T(step) = start ** (1 - min(step / anneal_updates, 1)); constant ``start`` when anneal_updates <= 0.
+    """
+    if anneal_updates <= 0:
+        return float(start)
+    return float(start) ** (1.0 - min(step / anneal_updates, 1.0))
+
+
+def latent_gate(step: int, latent_loss_start: int) -> float:
+    """t2t gates the latent-predictor loss: it counts (1) iff step > latent_loss_start, else 0."""
+    return 1.0 if step > latent_loss_start else 0.0
+
+
+class Curriculum:
+    """The schedules at ``self.num_updates`` (set by fairseq's ``set_num_updates`` every update)."""
+
+    def set_num_updates(self, num_updates):
+        self.num_updates = num_updates
+        if self.anneal_updates > 0:
+            t = annealed_temperature(num_updates, self.start_temperature, self.anneal_updates)
+            self.soft_em_temperature.fill_(t)
+            self.bottleneck.temperature = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.anneal_updates > 0:  # a loaded checkpoint encodes with the temperature it was saved with
+            self.bottleneck.temperature = float(self.soft_em_temperature)
+
+    def masking(self) -> float:
+        if not self.training or self.glancing_ratio > 0:
+            return 1.0
+        return masking_probability(self.num_updates, self.mask_startup_steps)
+
+    @torch.no_grad()
+    def glancing_mask(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, target: Tensor) -> Tensor:
+        """GLAT's glancing sampler (Qian et al. 2021, eq.5-6) for the parallel decoder: decode once without gold
+        inputs, count each sentence's wrong tokens d(y, y_hat), and choose N = ceil(R * d) of its real positions
+        uniformly at random; returns the (B, T) mask of the positions whose gold embedding is fed."""
+        real = target.ne(self.padding_idx)
+        features = self.decode(latents, latent_pad, encoder_out, features_only=True,
+                               length=target.size(1))
+        wrong = torch.zeros_like(real)
+        wrong[real] = self.output_layer(features[real]).argmax(-1) != target[real]
+        return random_positions(real, glancing_count(wrong, self.glancing_ratio))
+
+    def latent_gate(self) -> float:
+        """The latent-predictor (and length) loss's factor at this update: 0 until ``--latent-loss-start``, then 1."""
+        return latent_gate(self.num_updates, self.latent_loss_start)

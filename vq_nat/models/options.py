@@ -1,0 +1,100 @@
+"""Every ``latent_transformer`` option checked once, when the model is built (``check_args``): a value out of its
+range is a ``ValueError`` naming the option and the range; an option that does nothing in the chosen
+configuration is a warning saying why (only when it differs from the architecture's default, so that a preset's
+own values never warn)."""
+import argparse
+import logging
+import math
+
+logger = logging.getLogger(__name__)
+
+
+def _preset(arch: str) -> argparse.Namespace:
+    """The values the architecture ``arch`` gives every option that is not set on the command line."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    defaults = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[arch](defaults)
+    return defaults
+
+
+def _number(args, name: str, low=None, high=None, low_open=False, high_open=False, integer=False):
+    value = getattr(args, name)
+    option = "--" + name.replace("_", "-")
+    bad = value is None or (isinstance(value, float) and not math.isfinite(value))
+    bad = bad or (integer and int(value) != value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + \
+            (")" if high_open or high is None else "]")
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{option} must be {kind} in {interval}, got {value}")
+
+
+def check_args(args) -> None:
+    """Ranges and interactions of the Latent Transformer's options (after the architecture's defaults)."""
+    kind = args.bottleneck
+    if args.soft_em_temperature is None or not 0.0 < args.soft_em_temperature < float("inf"):
+        # T <= 0 would assign every latent to its farthest code
+        raise ValueError(f"--soft-em-temperature must be a positive finite number, got {args.soft_em_temperature}")
+    _number(args, "num_compress_steps", 0, 16, integer=True)
+    _number(args, "num_codes", 2, integer=True)
+    _number(args, "num_samples", 1, integer=True)
+    _number(args, "num_blocks", 1, integer=True)
+    _number(args, "codebook_decay", 0.0, 1.0, high_open=True)
+    _number(args, "codebook_epsilon", 0.0)
+    _number(args, "commitment_beta", 0.0)
+    _number(args, "codebook_init_std", 0.0, low_open=True)
+    _number(args, "dead_code_threshold", 0.0)
+    _number(args, "soft_em_anneal_updates", 0, integer=True)
+    _number(args, "mask_startup_steps", 0, integer=True)
+    _number(args, "glancing_ratio", 0.0, 1.0)
+    if args.latent_layers is not None:
+        _number(args, "latent_layers", 1, integer=True)
+    if args.latent_loss_start is not None:
+        _number(args, "latent_loss_start", -1, integer=True)
+    if args.latent_glancing_ratio is not None:
+        _number(args, "latent_glancing_ratio", 0.0, 1.0)
+        if args.latent_predictor != "parallel":
+            raise ValueError("--latent-glancing-ratio applies to --latent-predictor parallel only")
+    if args.decoder_embed_dim % args.num_blocks != 0:
+        raise ValueError(f"--num-blocks {args.num_blocks} must divide --decoder-embed-dim {args.decoder_embed_dim}")
+    if kind in ("gumbel", "semhash") and args.num_blocks != 1:
+        raise ValueError(f"--num-blocks applies to --bottleneck vq/em only, not {kind}")
+    if kind == "semhash" and (2 ** int(round(math.log2(args.num_codes))) != args.num_codes or args.num_codes > 2**30):
+        raise ValueError(f"--bottleneck semhash needs --num-codes a power of 2 (at most 2^30), got {args.num_codes}")
+    if args.soft_em_anneal_updates > 0 and kind != "em":
+        raise ValueError(f"--soft-em-anneal-updates applies to --bottleneck em only, not {kind}")
+
+    preset = _preset(args.arch)
+
+    def ignored(names, why):
+        for name in names:
+            if getattr(args, name) != getattr(preset, name, None):
+                logger.warning("--%s %s has no effect: %s", name.replace("_", "-"), getattr(args, name), why)
+
+    if kind != "em":
+        ignored(["num_samples"], f"soft EM's samples per latent; --bottleneck {kind} assigns one code per latent")
+    if kind not in ("vq", "em"):
+        ignored(["codebook_update", "codebook_decay", "codebook_epsilon", "commitment_beta", "codebook_init_std",
+                 "kmeans_init", "dead_code_threshold"], f"a VQ codebook option; --bottleneck {kind} has none")
+    elif args.codebook_update == "grad":
+        ignored(["codebook_decay", "codebook_epsilon", "dead_code_threshold"],
+                "the codebook EMA (M-step) options do nothing under --codebook-update grad")
+    if kind in ("vq", "gumbel", "semhash"):
+        ignored(["soft_em_temperature"], f"the soft-EM posterior's temperature; --bottleneck {kind} does not sample")
+    if args.glancing_ratio > 0 and args.latent_loss_start is None and args.mask_startup_steps > 0:
+        logger.warning("--glancing-ratio replaces the decoder-input masking schedule: --mask-startup-steps %d only "
+                       "delays the latent-predictor loss (--latent-loss-start defaults to it); set "
+                       "--latent-loss-start explicitly", args.mask_startup_steps)
+    if args.latent_predictor == "parallel" and args.latent_length_prediction:
+        logger.warning("--latent-length-prediction has no effect: --latent-predictor parallel always predicts the "
+                       "number of latents")
+    length_factor = getattr(args, "length_loss_factor", None)  # the criterion's, where fairseq merged the options
+    has_length = args.latent_predictor == "parallel" or args.latent_length_prediction
+    if length_factor is not None and not has_length and length_factor != 0.1:
+        logger.warning("--length-loss-factor %s has no effect: the model has no length classifier (pass "
+                       "--latent-length-prediction or --latent-predictor parallel)", length_factor)
