@@ -161,7 +161,7 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     "flow": ["--latent-input-gradient", "flow"],
     "nc1": ["--num-compress-steps", "1"],
     "nc2": ["--num-compress-steps", "2"],
-    "nc3": ["--num-compress-steps", "3"],  # the preset's nc before the lever study
+    "nc3": ["--num-compress-steps", "3"],  # the paper's nc
     "K2048": ["--num-codes", "2048"],
     "blocks2": ["--num-blocks", "2"],
     "glat": ["--glancing-ratio", "0.5"],  # GLAT's glancing instead of the masking schedule
@@ -170,7 +170,7 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     "vq": ["--bottleneck", "vq"],
     # codebook from k-means on the first batch instead of N(0, I), and no dead-code re-seeding
     "kmeans": ["--kmeans-init", "--dead-code-threshold", "0"],
-    "lp2": ["--latent-layers", "2"],  # the preset's latent predictor before the lever study: better, but slower
+    "lp2": ["--latent-layers", "2"],  # two latent-predictor layers: better, but slower
     "lp3": ["--latent-layers", "3"],  # as deep as the decoder: one pass of it costs little in a parallel predictor
     "lp4": ["--latent-layers", "4"],
     "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only

@@ -49,7 +49,6 @@ ORIGIN = {
     "--word-shuffle": PAPER + ": denoising",
     "--word-shuffle-distance": PAPER + ": denoising",
     "--npd-candidates": "Gu et al. 2018 (noisy parallel decoding), as Kaiser et al. 2018",
-    "--no-fused-inference": HERE,
     "--npd-teacher": "Gu et al. 2018 (noisy parallel decoding)",
     "--latent-beam": T2T + " (beam search over latents)",
     "--latent-length-beam": HERE + " (fairseq NAT's `--iter-decode-with-beam`)",

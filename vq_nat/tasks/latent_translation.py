@@ -34,10 +34,6 @@ class LatentTranslationConfig(TranslationConfig):
         default=1, metadata={"help": "noisy parallel decoding: decode k latent sequences per sentence (greedy + "
                                      "k-1 sampled) in one parallel pass and keep the one --npd-teacher scores best"}
     )
-    no_fused_inference: bool = field(
-        default=False, metadata={"help": "no effect, kept so that older command lines and checkpoints work: "
-                                         "decoding always runs fairseq's own layer code"}
-    )
     latent_beam: int = field(
         default=1, metadata={"help": "beam search over latent sequences: decode the best of the k best by latent "
                                      "score, or with --npd-teacher all k in one parallel pass, the teacher picking"}
