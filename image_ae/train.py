@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .data import DATASETS, DatasetNotFoundError, build_splits
 from vq_nat.modules.output import code_perplexity
+from vq_nat.modules.vector_quantizer import MIN_TEMPERATURE
 
 from .models import PRESETS, ImageAutoencoder, build_config, count_parameters
 
@@ -147,7 +148,7 @@ RANGES = (
     ("num_samples", 1, None, int), ("num_codes", 1, None, int), ("code_dim", 1, None, int),
     ("hidden_dim", 1, None, int), ("res_hidden_dim", 1, None, int), ("latents_per_position", 1, None, int),
     ("num_downsample", 0, None, int), ("num_residual", 0, None, int), ("decay", 0.0, 1.0, "right-open"),
-    ("epsilon", 0.0, None, float), ("beta", 0.0, None, float), ("temperature", 0.0, None, "left-open"),
+    ("epsilon", 0.0, None, float), ("beta", 0.0, None, float), ("temperature", MIN_TEMPERATURE, None, float),
     ("dead_code_threshold", 0.0, None, float), ("epochs", 0.0, None, "left-open"), ("max_steps", 0, None, int),
     ("batch_size", 1, None, int), ("lr", 0.0, None, "left-open"), ("warmup_steps", 0, None, int),
     ("lr_half_life", 0, None, int), ("weight_decay", 0.0, None, float), ("clip_norm", 0.0, None, float),

@@ -26,6 +26,7 @@ every ratio is against the first LT of the same round. The last
 line's speedup is the first AR's greedy time over the first LT's.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -122,6 +123,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is visible")
     args = p.parse_args(argv)
+    for name, values, low in (("--repeats", [args.repeats], 1), ("--batch-sizes", args.batch_sizes, 1),
+                              ("--max-sentences", [args.max_sentences], 1), ("--ar-beams", args.ar_beams, 1),
+                              ("--lt-npd", args.lt_npd, 2), ("--max-len-b", [args.max_len_b], 0),
+                              ("--threads", [args.threads or 1], 1)):
+        if any(v < low for v in values):
+            p.error(f"{name} must be >= {low}, got {' '.join(map(str, values))}")
+    if not (0 <= args.max_len_a < float("inf")):
+        p.error(f"--max-len-a must be a finite number >= 0, got {args.max_len_a}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from io_checks import AUTOREGRESSIVE, LATENT, require
+
+    for path in args.lt_path:  # the kind of every checkpoint, named in one line before any model is built
+        require(path, "bench_decode.py", LATENT, args.data, option="--lt-path")
+    for path in args.ar_path:
+        require(path, "bench_decode.py", AUTOREGRESSIVE, args.data, option="--ar-path")
 
     import vq_nat
 

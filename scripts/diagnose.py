@@ -50,7 +50,16 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dump_latents import load_checkpoint
 
+    from io_checks import read_lines
+
+    # the inputs that could fail are read before the decoding: the references and the --json directory
+    references = read_lines(args.ref, "diagnose.py") if args.ref else None
+    if args.json and os.path.dirname(args.json):
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
     model, task, itr, use_cuda = load_checkpoint(args, "diagnose.py")
+    if references is not None and len(references) != len(task.dataset(args.subset)):
+        sys.exit(f"diagnose.py: --ref has {len(references)} lines, {args.subset} {len(task.dataset(args.subset))} "
+                 f"sentences")
     from fairseq import utils
     from sacrebleu.metrics import BLEU
     from sacremoses import MosesDetokenizer
@@ -122,11 +131,7 @@ def main(argv=None):
     order = sorted(hyps)
     lang = task.cfg.target_lang
     md = MosesDetokenizer(lang=lang)
-    if args.ref:
-        references = [line.rstrip("\n") for line in open(args.ref, encoding="utf-8")]
-        if len(references) != len(order):
-            sys.exit(f"diagnose.py: --ref has {len(references)} lines, {args.subset} {len(order)} sentences")
-    else:
+    if references is None:
         references = [md.detokenize(refs[i].split()) for i in order]
     bleu = BLEU()
 

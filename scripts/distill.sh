@@ -34,6 +34,10 @@ done
 [ -d "$data" ] || die "no such directory: $data"
 [ -f "$teacher" ] || die "no such checkpoint: $teacher"
 [ ! -e "$out" ] || [ -d "$out" ] || die "OUT_BIN $out is a file, not a directory"
+# OUT_BIN must not be DATA_BIN (or hold it, or lie inside it): the distilled targets would replace the originals
+data_abs="$(readlink -f "$data")"; out_abs="$(readlink -m "$out")"
+case "$out_abs/" in "$data_abs/"*) die "OUT_BIN $out is DATA_BIN or inside it: choose another directory" ;; esac
+case "$data_abs/" in "$out_abs/"*) die "OUT_BIN $out holds DATA_BIN $data: choose another directory" ;; esac
 src=$(ls "$data"/train.*-*.*.idx 2>/dev/null | head -1 | sed -E 's/.*train\.([^-]+)-([^.]+)\..*/\1/')
 tgt=$(ls "$data"/train.*-*.*.idx 2>/dev/null | head -1 | sed -E 's/.*train\.([^-]+)-([^.]+)\..*/\2/')
 [ -n "$src" ] && [ -n "$tgt" ] || die "$data has no binarized train split"

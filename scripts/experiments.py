@@ -324,19 +324,25 @@ def train_seconds(run_dir):
 
 
 def generate_once(path, data, ckpt, subset, batch_size, gen_args, args=None):
-    """fairseq-generate into ``path`` unless it is there already (written atomically: resumable). ``args`` (the
-    parsed command line) adds ``--cpu`` when asked and the ``--generate-args``; with ``--dry-run`` the command is
-    printed only."""
-    if not os.path.exists(path):
-        cmd = ["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", subset,
-               "--batch-size", str(batch_size), "--remove-bpe", "--num-workers", "0", *gen_args]
-        if args is not None:
-            cmd += (["--cpu"] if args.cpu else []) + shlex.split(args.generate_args or "")
-            if args.dry_run:
-                print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-                return path
-        sh(cmd, log=path + ".tmp")
-        os.replace(path + ".tmp", path)
+    """fairseq-generate into ``path``, reused only when made by the same command from the same checkpoint file
+    (``path``.key holds the command and the checkpoint's size and modification time: a run trained further, or
+    other generate options, decode again). Written atomically: resumable. ``args`` (the parsed command line)
+    adds ``--cpu`` when asked and the ``--generate-args``; with ``--dry-run`` the command is printed only."""
+    cmd = ["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", subset,
+           "--batch-size", str(batch_size), "--remove-bpe", "--num-workers", "0", *gen_args]
+    if args is not None:
+        cmd += (["--cpu"] if args.cpu else []) + shlex.split(args.generate_args or "")
+        if args.dry_run:
+            print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+            return path
+    stat = os.stat(ckpt) if os.path.exists(ckpt) else None
+    key = json.dumps({"cmd": cmd, "checkpoint": [stat.st_size, stat.st_mtime_ns] if stat else None})
+    if os.path.exists(path) and os.path.exists(path + ".key") and open(path + ".key").read() == key:
+        return path
+    sh(cmd, log=path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(path + ".key", "w") as f:
+        f.write(key)
     return path
 
 
@@ -641,6 +647,16 @@ def main(argv=None):
         return
     if not args.work:
         p.error("--work is required")
+    for name, value, low in (("--max-update", args.max_update, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--log-interval", args.log_interval, 1), ("--seed", args.seed, 0),
+                             ("--codes", args.codes, 2), ("--nc", args.nc, 0), ("--anneal-updates", args.anneal_updates, 0),
+                             ("--mask-startup-steps", args.mask_startup_steps, 0)):
+        if value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
+    if any(s < 0 for s in args.seeds):
+        p.error(f"--seeds must be >= 0, got {args.seeds}")
+    if not (0 < args.temperature < float("inf")):
+        p.error(f"--temperature must be a positive finite number, got {args.temperature}")
     args.train_extra = train_extra
     if "--cpu" in train_extra:  # the same as this script's --cpu: decode and diagnose on the CPU too
         args.cpu = True

@@ -138,6 +138,22 @@ def require(path: str, prog: str, want: str, data: Optional[str] = None, option:
     return state
 
 
+def read_lines(path: str, prog: str, option: str = "--ref"):
+    """The lines of a UTF-8 text file (newlines stripped); bad bytes name the file and line in one message."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for i, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            sys.exit(f"{prog}: {option} {path}, line {i}, is not UTF-8 ({e.reason} at byte {e.start}); "
+                     f"convert the file, e.g. with iconv")
+    return lines
+
+
 def check_output(path: str, overwrite: bool, prog: str, option: str) -> None:
     """Before any work: exit when ``path`` exists (unless ``overwrite``) or is a directory; create its parents."""
     if os.path.isdir(path):

@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers must be an integer >= 1, got '$workers'"
+[[ "$merges" =~ ^[1-9][0-9]*$ ]] || die "--merges must be an integer >= 1 (BPE merge operations), got '$merges'"
 [ "$src" != "$tgt" ] || die "--src and --tgt are both '$src'"
 [ ! -e "$out" ] || [ -d "$out" ] || die "OUT_DIR $out is a file, not a directory"
 existing=$(for d in tok bpe bin preprocess.log; do [ -e "$out/$d" ] && printf '%s ' "$d"; done; true)

@@ -67,7 +67,9 @@ def main(argv=None):
         from io_checks import check_output
 
         check_output(args.out, args.overwrite, "score.py", "--out")
-    refs = [line.rstrip("\n") for line in open(args.ref, encoding="utf-8")]
+    from io_checks import read_lines
+
+    refs = read_lines(args.ref, "score.py")
     task = task_of(args.path, args.data, args.subset, len(refs))
     lang = args.lang or os.path.splitext(args.ref)[1].lstrip(".")
 

@@ -282,6 +282,9 @@ def test_generate_rejects_a_plain_transformer_and_warns_about_beam(tmp_path, cap
     assert "--beam 4 / --nbest 3 are ignored" in caplog.text
     assert "with beam=1" in out and "beam=4" not in out
     assert sorted(hypotheses(out)) == list(range(5))
+    caplog.clear()
+    out = generate(dest, os.path.join(lt, "checkpoint_last.pt"))  # fairseq's default --beam 5: no warning
+    assert "are ignored" not in caplog.text and "with beam=1" in out
 
 
 def test_generate_without_the_latent_task_names_the_task_to_use(tmp_path):

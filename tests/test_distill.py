@@ -125,3 +125,15 @@ def test_a_wrong_teacher_or_option_is_named_before_any_decoding(setup):
     p = run(data, good, out, "--beam", "0", check=False)
     assert p.returncode != 0 and "--beam must be an integer >= 1, got '0'" in p.stderr
     assert not os.path.exists(out) and len(decoded_with()) == n
+
+
+def test_out_bin_may_not_be_the_data_itself_even_with_overwrite(setup):
+    root, data, run, decoded_with = setup
+    n = len(decoded_with())
+    before = {f: os.path.getmtime(os.path.join(data, f)) for f in os.listdir(data)}
+    good = fake_checkpoint(str(root / "good2.pt"))
+    for out in (data, os.path.join(data, "sub"), str(root)):
+        p = run(data, good, out, "--overwrite", check=False)
+        assert p.returncode != 0 and "choose another directory" in p.stderr, p.stderr
+    assert {f: os.path.getmtime(os.path.join(data, f)) for f in os.listdir(data)} == before
+    assert len(decoded_with()) == n

@@ -583,8 +583,8 @@ def test_resume_names_a_wrong_or_corrupt_checkpoint_before_any_work(split_folder
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--soft-em-temperature", "-1"], r"--soft-em-temperature must be in \(0, inf\), got -1.0"),
-    (["--soft-em-temperature", "0"], r"--soft-em-temperature must be in \(0, inf\), got 0.0"),
+    (["--soft-em-temperature", "-1"], r"--soft-em-temperature must be in \[0.0001, inf\), got -1.0"),
+    (["--soft-em-temperature", "0"], r"--soft-em-temperature must be in \[0.0001, inf\), got 0.0"),
     (["--codebook-decay", "1"], r"--codebook-decay must be in \[0, 1\), got 1.0"),
     (["--log-interval", "0"], r"--log-interval must be >= 1, got 0"),
     (["--num-codes", "0"], r"--num-codes must be >= 1, got 0"),

@@ -32,7 +32,7 @@ def checkpoints(data_bin, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------- out of range
 @pytest.mark.parametrize("flags,message", [
-    (["--num-codes", "1"], r"--num-codes must be an integer in \[2, inf\), got 1"),
+    (["--num-codes", "1"], r"--num-codes must be an integer in \[2, 16777216\], got 1"),
     (["--codebook-decay", "1.0"], r"--codebook-decay must be a finite number in \[0.0, 1.0\), got 1.0"),
     (["--commitment-beta", "-0.5"], r"--commitment-beta must be a finite number in \[0.0, inf\), got -0.5"),
     (["--num-samples", "0"], r"--num-samples must be an integer in \[1, inf\), got 0"),
@@ -42,7 +42,9 @@ def checkpoints(data_bin, tmp_path_factory):
     (["--codebook-init-std", "0"], r"--codebook-init-std must be a finite number in \(0.0, inf\), got 0.0"),
     (["--num-blocks", "3"], r"--num-blocks 3 must divide --decoder-embed-dim 32"),
     (["--bottleneck", "semhash", "--num-codes", "12"], r"--num-codes a power of 2"),
-    (["--soft-em-temperature", "0"], r"--soft-em-temperature must be a positive finite number, got 0.0"),
+    (["--soft-em-temperature", "0"], r"--soft-em-temperature must be a finite number >= 0.0001 .*, got 0.0"),
+    (["--soft-em-temperature", "1e-37"], r"--soft-em-temperature must be a finite number >= 0.0001 .*, got 1e-37"),
+    (["--num-codes", "1099511627776"], r"--num-codes"),
     (["--label-smoothing", "1.0"], r"--label-smoothing must be a finite number in \[0, 1\), got 1.0"),
     (["--latent-loss-weight", "-1"], r"--latent-loss-weight must be a finite number in \[0, inf\), got -1.0"),
     (["--length-loss-factor", "nan"], r"--length-loss-factor must be a finite number in \[0, inf\), got nan"),

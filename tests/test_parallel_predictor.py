@@ -94,7 +94,7 @@ def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_
 
 @pytest.mark.parametrize("bottleneck", ["vq", "em"])
 def test_a_soft_em_temperature_out_of_range_is_an_error_naming_the_option(tmp_path, bottleneck):
-    with pytest.raises(ValueError, match="--soft-em-temperature must be a positive finite number, got -1"):
+    with pytest.raises(ValueError, match="--soft-em-temperature must be a finite number >= 0.0001 .*, got -1"):
         _model(tmp_path, ["--bottleneck", bottleneck, "--soft-em-temperature", "-1"])
 
 

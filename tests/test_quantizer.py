@@ -197,8 +197,15 @@ def test_soft_em_samples_follow_multinomial_of_negative_distances():
 def test_soft_em_tiny_temperature_equals_hard():
     z = torch.randn(30, 4)
     hard = make().eval()(z)
-    soft = make(assignment="soft", num_samples=3, temperature=1e-6).eval()(z)
+    soft = make(assignment="soft", num_samples=3, temperature=1e-4).eval()(z)
     torch.testing.assert_close(soft.codes, hard.codes[:, None].expand(-1, 3))
+
+
+def test_a_temperature_below_the_float32_safe_floor_is_refused():
+    # at T ~ 1e-37 the scaled scores overflowed and hard codes were no longer the nearest ones
+    for t in (1e-5, 1e-37, 0.0):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0.0001, inf\)"):
+            make(assignment="hard", temperature=t)
 
 
 def test_soft_em_ema_uses_averaged_sample_counts():

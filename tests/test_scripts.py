@@ -473,3 +473,50 @@ def test_experiments_list_names_every_lever_with_its_flags():
     p = subprocess.run([sys.executable, "scripts/experiments.py", "levers"], cwd=ROOT, env=ENV, capture_output=True,
                        text=True)
     assert p.returncode != 0 and "--work is required" in p.stderr
+    for bad, message in ((["--max-update", "0"], "--max-update must be >= 1, got 0"),
+                         (["--seeds", "-1"], "--seeds must be >= 0"), (["--temperature", "nan"], "--temperature must be")):
+        p = subprocess.run([sys.executable, "scripts/experiments.py", "table1", "--work", "never", "--data", "d",
+                            "--raw", "r", *bad], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert p.returncode != 0 and message in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(ROOT, "never"))
+
+
+def test_experiments_decodes_again_when_the_checkpoint_or_the_options_change(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import experiments
+
+    calls = []
+
+    def fake_sh(cmd, log=None):
+        calls.append(cmd)
+        with open(log, "w") as f:
+            f.write(f"H-0\t-0.1\tout{len(calls)}\n")
+
+    monkeypatch.setattr(experiments, "sh", fake_sh)
+    ckpt, out = tmp_path / "checkpoint_last.pt", str(tmp_path / "gen.txt")
+    ckpt.write_bytes(b"model at update 3")
+    experiments.generate_once(out, "DATA", str(ckpt), "test", 64, ["--beam", "1"])
+    experiments.generate_once(out, "DATA", str(ckpt), "test", 64, ["--beam", "1"])
+    assert len(calls) == 1  # the same checkpoint and command: reused
+    ckpt.write_bytes(b"model at update 40, trained on")
+    experiments.generate_once(out, "DATA", str(ckpt), "test", 64, ["--beam", "1"])
+    assert len(calls) == 2 and "out2" in open(out).read()  # a checkpoint trained further: decoded again
+    experiments.generate_once(out, "DATA", str(ckpt), "test", 64, ["--latent-length-beam", "3"])
+    assert len(calls) == 3 and "--latent-length-beam" in calls[-1]
+
+
+def test_bench_decode_names_a_bad_option_or_a_swapped_checkpoint_before_timing(tmp_path):
+    import torch
+
+    for bad, message in ((["--repeats", "0"], "--repeats must be >= 1"), (["--batch-sizes", "0"], "--batch-sizes"),
+                         (["--max-len-a", "nan"], "--max-len-a must be")):
+        p = subprocess.run([sys.executable, "scripts/bench_decode.py", "D", "--lt-path", "a", "--ar-path", "b", *bad],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert p.returncode != 0 and message in p.stderr, p.stderr
+    ar = tmp_path / "ar.pt"
+    torch.save({"cfg": {"model": {"_name": "transformer_teacher_tiny"}, "task": {"_name": "translation"}},
+                "model": {}}, ar)
+    p = subprocess.run([sys.executable, "scripts/bench_decode.py", str(tmp_path), "--lt-path", str(ar), "--ar-path",
+                        str(ar)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode != 0 and "--lt-path" in p.stderr and "pass a latent_transformer checkpoint" in p.stderr, \
+        p.stderr

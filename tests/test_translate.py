@@ -91,6 +91,9 @@ def test_hub_errors_name_the_missing_piece(trained, tmp_path):
         from_pretrained(str(save), "nope.pt", data=str(out / "bin"))
     with pytest.raises(FileNotFoundError, match="no fairseq dictionaries"):
         from_pretrained(str(save), "checkpoint_last.pt", data=str(tmp_path))
+    lt = from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), bpe_codes=str(out / "bpe" / "codes"))
+    with pytest.raises(TypeError, match="a str or a list of str, got bytes"):
+        lt.translate(b"A dog runs.")
     with pytest.raises(FileNotFoundError, match="BPE codes"):
         from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), bpe_codes=str(tmp_path / "codes"))
 

@@ -60,7 +60,12 @@ def hub_interface_class():
 
         def translate(self, sentences: Union[str, List[str]], beam: int = 1, verbose: bool = False,
                       **kwargs) -> Union[str, List[str]]:
-            return super().translate(sentences, beam, verbose, **kwargs)
+            if not (isinstance(sentences, str) or (isinstance(sentences, (list, tuple))
+                                                   and all(isinstance(s, str) for s in sentences))):
+                raise TypeError(f"translate() takes a str or a list of str, got {type(sentences).__name__}"
+                                f"{' (decode bytes first, e.g. b.decode(\"utf-8\"))' if isinstance(sentences, bytes) else ''}")
+            return super().translate(list(sentences) if isinstance(sentences, tuple) else sentences, beam,
+                                     verbose, **kwargs)
 
     return LatentHubInterface
 

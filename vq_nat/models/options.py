@@ -6,6 +6,8 @@ import argparse
 import logging
 import math
 
+from ..modules.vector_quantizer import MIN_TEMPERATURE
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,11 +39,12 @@ def _number(args, name: str, low=None, high=None, low_open=False, high_open=Fals
 def check_args(args) -> None:
     """Ranges and interactions of the Latent Transformer's options (after the architecture's defaults)."""
     kind = args.bottleneck
-    if args.soft_em_temperature is None or not 0.0 < args.soft_em_temperature < float("inf"):
-        # T <= 0 would assign every latent to its farthest code
-        raise ValueError(f"--soft-em-temperature must be a positive finite number, got {args.soft_em_temperature}")
+    if args.soft_em_temperature is None or not MIN_TEMPERATURE <= args.soft_em_temperature < float("inf"):
+        # T <= 0 would assign every latent to its farthest code; below MIN_TEMPERATURE the scores overflow
+        raise ValueError(f"--soft-em-temperature must be a finite number >= {MIN_TEMPERATURE:g} (T -> 0 is "
+                         f"--bottleneck vq), got {args.soft_em_temperature}")
     _number(args, "num_compress_steps", 0, 16, integer=True)
-    _number(args, "num_codes", 2, integer=True)
+    _number(args, "num_codes", 2, 2 ** 24, integer=True)
     _number(args, "num_samples", 1, integer=True)
     _number(args, "num_blocks", 1, integer=True)
     _number(args, "codebook_decay", 0.0, 1.0, high_open=True)

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 # buffers that must stay fp32 even after module.half() / .bfloat16() (0.001 * count vanishes in fp16)
 _FP32_BUFFERS = ("embed", "ema_count", "ema_sum")
 # score-matrix entries computed at once by the E-step (8M fp32 = 32 MB): rows per chunk = this // K
+MIN_TEMPERATURE = 1e-4  # the smallest soft-EM temperature (see VectorQuantizer)
 _CHUNK_SCORES = 1 << 23
 
 
@@ -81,7 +82,8 @@ class VectorQuantizer(nn.Module):
         check_float(owner, "decay", decay, 0.0, 1.0, high_open=True)
         check_float(owner, "init_std", init_std, 0.0, low_open=True)
         # T <= 0 would pick the farthest codes
-        check_float(owner, "temperature", temperature, 0.0, low_open=True)
+        # below MIN_TEMPERATURE the scaled scores 2 s_ij / T overflow float32; T -> 0 is hard EM (assignment="hard")
+        check_float(owner, "temperature", temperature, MIN_TEMPERATURE)
         check_float(owner, "epsilon", epsilon, 0.0)
         check_float(owner, "beta", beta, 0.0)
         check_float(owner, "dead_code_threshold", dead_code_threshold, 0.0)

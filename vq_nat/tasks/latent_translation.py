@@ -101,15 +101,17 @@ class LatentTranslationTask(TranslationTask):
                 raise ValueError(f"--task latent_translation needs a latent_transformer checkpoint; this one is "
                                  f"{arch} (decode it with its own task, e.g. --task translation)")
         beam, nbest = getattr(args, "beam", 1) or 1, getattr(args, "nbest", 1) or 1
-        if beam > 1 or nbest > 1:
+        # fairseq's own default is --beam 5: warn only about a beam the user chose (or any --nbest)
+        if beam not in (1, 5) or nbest > 1:
             logger.warning("the latent transformer decodes one hypothesis per sentence: --beam %d / --nbest %d are "
                            "ignored (--latent-beam K searches over latent sequences)", beam, nbest)
+        if beam > 1 or nbest > 1:
             try:  # so that fairseq-generate's summary line does not claim a beam
                 from omegaconf import open_dict
 
                 with open_dict(args):
                     args.beam, args.nbest = 1, 1
-            except Exception:  # an argparse Namespace or a read-only config: the warning stands
+            except Exception:  # an argparse Namespace or a read-only config
                 pass
         teacher = None
         if self.cfg.npd_teacher:
