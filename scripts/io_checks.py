@@ -113,6 +113,23 @@ def check_dictionaries(state, path: str, data: str, prog: str) -> None:
                 sys.exit(f"{prog}: {path} was trained with a {side} dictionary of {weights[key].shape[0]} entries, "
                          f"but {dict_path} has {entries}: another dictionary; pass the data directory the model was "
                          f"trained on")
+        trained = _trained_dictionary(state, lang)
+        if trained is not None and _symbols(trained) != _symbols(dict_path):
+            sys.exit(f"{prog}: {path} was trained on {os.path.dirname(trained)}, whose dict.{lang}.txt has other "
+                     f"symbols than {dict_path} (the same size, another vocabulary); pass the data directory the "
+                     f"model was trained on")
+
+
+def _trained_dictionary(state, lang: str) -> Optional[str]:
+    """The dictionary file the checkpoint was trained with, when its training data directory is on this machine."""
+    data = _get(_get(state.get("cfg"), "task"), "data") or _get(state.get("args"), "data")
+    path = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data else None
+    return path if path and os.path.isfile(path) else None
+
+
+def _symbols(dict_path: str):
+    with open(dict_path, encoding="utf-8") as f:
+        return [line.split(" ", 1)[0] for line in f if line.strip()]
 
 
 def require(path: str, prog: str, want: str, data: Optional[str] = None, option: str = "--path"):

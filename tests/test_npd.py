@@ -155,3 +155,16 @@ def test_npd_through_fairseq_generate(tmp_path):
     with pytest.raises(ValueError, match="needs --npd-teacher"):
         generate(data_bin, os.path.join(lt, "checkpoint_last.pt"), ["--npd-candidates", "4"])
 
+    # a teacher trained on another vocabulary of the same size is named, not used
+    raw2, bin2 = str(tmp_path / "raw2"), str(tmp_path / "bin2")
+    make_copy_task(raw2, n_train=120, n_valid=8, n_test=11)
+    for name in os.listdir(raw2):
+        path = os.path.join(raw2, name)
+        text = open(path).read().replace("w", "v")
+        open(path, "w").write(text)
+    preprocess(raw2, bin2)
+    ar2 = str(tmp_path / "ar2")
+    train(bin2, ar2, ["--task", "translation", "--criterion", "cross_entropy"], arch_flags=TEACHER)
+    with pytest.raises(ValueError, match="another target vocabulary"):
+        generate(data_bin, os.path.join(lt, "checkpoint_last.pt"),
+                 ["--npd-candidates", "4", "--npd-teacher", os.path.join(ar2, "checkpoint_last.pt")])

@@ -135,3 +135,24 @@ def test_score_checks_the_references_against_the_split_before_decoding(files, tm
           "the valid split of " + data + " has 3 sentences but --ref has 2 lines")
     exits(score.main, [data, "--path", files["ar"], "--subset", "dev", "--ref", str(ref)], f"{data} has no dev split (")
     exits(dump_latents.main, [data, "--path", files["lt"], "--subset", "dev"], f"{data} has no dev split (")
+
+
+def test_a_dictionary_of_the_same_size_with_other_symbols_is_named(files):
+    """A fixed-size vocabulary passes the size check; the training data's own dictionary files tell the rest."""
+    from io_checks import LATENT, require
+
+    other = files["tmp"] / "other_bin"
+    other.mkdir()
+    for name in os.listdir(files["data"]):
+        if name.startswith("dict."):
+            words = open(os.path.join(files["data"], name), encoding="utf-8").read().replace("w", "v")
+            (other / name).write_text(words, encoding="utf-8")
+    lt = files["tmp"] / "lt_other.pt"
+    state = torch.load(files["lt"], weights_only=False)
+    state["cfg"]["task"]["data"] = str(other)
+    torch.save(state, lt)
+    with pytest.raises(SystemExit, match="other symbols than .*another vocabulary"):
+        require(str(lt), "score.py", LATENT, files["data"])
+    state["cfg"]["task"]["data"] = files["data"]  # trained on this very data: accepted
+    torch.save(state, lt)
+    require(str(lt), "score.py", LATENT, files["data"])

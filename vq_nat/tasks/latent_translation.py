@@ -148,10 +148,26 @@ class LatentTranslationTask(TranslationTask):
             raise ValueError(f"--npd-teacher {path}: its target dictionary has {len(teacher.decoder.dictionary)} "
                              f"entries, this task's {len(self.target_dictionary)}; it must be trained on the same "
                              "binarized data (scripts/train-teacher.sh)")
+        trained = self._training_dictionary(path)
+        if trained is not None and trained.symbols != self.target_dictionary.symbols:
+            raise ValueError(f"--npd-teacher {path} was trained with another target vocabulary (the same size, other "
+                             f"symbols); it must be trained on the same binarized data (scripts/train-teacher.sh)")
         if models:
             p = next(models[0].parameters())
             teacher.to(device=p.device, dtype=p.dtype)
         return teacher.eval()
+
+    def _training_dictionary(self, path):
+        """The target dictionary a checkpoint was trained with, when its data directory is on this machine."""
+        from fairseq import checkpoint_utils
+        from fairseq.data import Dictionary
+
+        cfg = checkpoint_utils.load_checkpoint_to_cpu(path).get("cfg") or {}
+        task = cfg.get("task") if hasattr(cfg, "get") else None
+        data, lang = (task.get("data"), task.get("target_lang")) if task is not None else (None, None)
+        lang = lang or self.cfg.target_lang  # inferred from the file names at training time, as here
+        dict_path = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data and lang else ""
+        return Dictionary.load(dict_path) if os.path.isfile(dict_path) else None
 
     def valid_step(self, sample, model, criterion):
         """fairseq's validation (``--eval-bleu``: BLEU of ordinary decoding as ``bleu``), plus, for a latent
