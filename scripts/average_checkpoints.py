@@ -64,6 +64,20 @@ def average(paths):
     return out
 
 
+def _cfg(state, section, key):
+    cfg = state.get("cfg") or {}
+    part = cfg.get(section) if hasattr(cfg, "get") else None
+    return part.get(key) if hasattr(part, "get") else getattr(part, key, None)
+
+
+def _run_data(state):
+    return str(_cfg(state, "task", "data"))
+
+
+def _run_seed(state):
+    return str(_cfg(state, "common", "seed"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", required=True, help="checkpoint files, or one directory")
@@ -89,11 +103,15 @@ def main(argv=None):
             raise SystemExit("average_checkpoints.py: a directory needs --num-update-checkpoints N")
         paths = newest_update_checkpoints(paths[0], args.num_update_checkpoints)
     # every input read and checked before any averaging: one line naming a missing, corrupt or foreign file
-    archs = {path: describe(require(path, prog, TRANSLATION, option="--inputs"))["arch"] for path in paths}
-    if len(set(archs.values())) > 1:
-        raise SystemExit(f"{prog}: the checkpoints are of different models ("
-                         + ", ".join(f"{os.path.basename(p)}: {a}" for p, a in archs.items())
-                         + "); average checkpoints of one run")
+    states = {path: require(path, prog, TRANSLATION, option="--inputs") for path in paths}
+    for what, get in (("models", lambda st: describe(st)["arch"]), ("training data", _run_data),
+                      ("seeds", _run_seed)):
+        values = {path: get(st) for path, st in states.items()}
+        if len(set(values.values())) > 1:
+            raise SystemExit(f"{prog}: the checkpoints have different {what} ("
+                             + ", ".join(f"{os.path.basename(p)}: {v}" for p, v in values.items())
+                             + "); average checkpoints of one run")
+    del states
     state = average(paths)
     from fairseq.file_io import PathManager
 

@@ -91,8 +91,15 @@ def test_average_checkpoints_checks_every_input_and_keeps_an_existing_output(fil
     exits(average_checkpoints.main, ["--inputs", files["ar"], files["corrupt"], "--output", out],
           "cannot read checkpoint")
     exits(average_checkpoints.main, ["--inputs", files["ar"], files["lt"], "--output", out],
-          "the checkpoints are of different models (ar.pt: transformer, lt.pt: latent_transformer_tiny)")
+          "the checkpoints have different models (ar.pt: transformer, lt.pt: latent_transformer_tiny)")
     assert not os.path.exists(out) and os.path.isdir(os.path.dirname(out))  # parent created, nothing written
+    state = torch.load(files["lt"], weights_only=False)
+    for key, value, what in (("task", {"_name": "latent_translation", "data": "elsewhere"}, "training data"),
+                             ("common", {"seed": 7}, "seeds")):
+        other = str(files["tmp"] / f"other_{key}.pt")
+        torch.save({**state, "cfg": {**state["cfg"], key: value}}, other)
+        exits(average_checkpoints.main, ["--inputs", files["lt"], other, "--output", out],
+              f"the checkpoints have different {what}")
     exits(average_checkpoints.main, ["--inputs", files["ar"], "--output", files["lt"]],
           f"--output {files['lt']} exists; pass --overwrite")
 
