@@ -1,5 +1,5 @@
-"""Every option checked once where it enters (issue 40, class 1), and the model -> criterion loss contract
-(issue 41): through fairseq's own entry points where a user meets them."""
+"""Every option checked once where it enters, and the model -> criterion loss contract: through fairseq's own
+entry points where a user meets them."""
 import logging
 import math
 import os

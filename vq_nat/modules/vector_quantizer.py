@@ -256,7 +256,7 @@ class VectorQuantizer(nn.Module):
                 xi = x[i : i + rows, j]
                 logits = torch.addmm(bias, xi, e.t(), beta=scale, alpha=scale)
                 # shifted by the row maximum and clamped at e^-80 relative to the best code (< 1e-34: never
-                # drawn; its exact value would be a denormal float, which makes exp 10x slower on CPUs)
+                # drawn; its exact value would be a denormal float, which makes exp slow on CPUs)
                 shifted = logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=-80.0)
                 weights = shifted.exp()
                 # H(q) = log Z - sum_j w_j l_j / Z, with w_j = exp(l_j), Z = sum_j w_j
