@@ -88,7 +88,8 @@ def check_args(args) -> None:
         ignored(["codebook_decay", "codebook_epsilon", "dead_code_threshold"],
                 "the codebook EMA (M-step) options do nothing under --codebook-update grad")
     if kind in ("vq", "gumbel", "semhash"):
-        ignored(["soft_em_temperature"], f"the soft-EM posterior's temperature; --bottleneck {kind} does not sample")
+        ignored(["soft_em_temperature"], f"the soft-EM posterior's temperature; --bottleneck {kind} does not sample "
+                                         f"(only the logged post_ent / code_info of a VQ codebook are computed at it)")
     if args.glancing_ratio > 0 and args.latent_loss_start is None and args.mask_startup_steps > 0:
         logger.warning("--glancing-ratio replaces the decoder-input masking schedule: --mask-startup-steps %d only "
                        "delays the latent-predictor loss (--latent-loss-start defaults to it); set "
