@@ -132,8 +132,6 @@ def test_npd_with_one_candidate_is_greedy_and_bad_settings_are_clear_errors(buil
     plain = LatentGenerator(d, max_len_b=40).generate([model], sample)
     one = LatentGenerator(d, max_len_b=40, npd_candidates=1, npd_teacher=teacher).generate([model], sample)
     assert [h[0]["tokens"].tolist() for h in plain] == [h[0]["tokens"].tolist() for h in one]
-    with pytest.raises(ValueError, match="needs --npd-teacher"):
-        LatentGenerator(d, npd_candidates=4)
     with pytest.raises(ValueError, match=">= 1"):
         LatentGenerator(d, npd_candidates=0, npd_teacher=teacher)
 
@@ -152,8 +150,23 @@ def test_npd_through_fairseq_generate(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         generate(data_bin, os.path.join(lt, "checkpoint_last.pt"),
                  ["--npd-candidates", "4", "--npd-teacher", str(tmp_path / "missing.pt")])
-    with pytest.raises(ValueError, match="needs --npd-teacher"):
-        generate(data_bin, os.path.join(lt, "checkpoint_last.pt"), ["--npd-candidates", "4"])
+    # without a teacher the LT rescores its own candidates: greedy is candidate 0, so no sentence scores worse
+    greedy = generate(data_bin, os.path.join(lt, "checkpoint_last.pt"), ["--max-len-b", "30"])
+    own = generate(data_bin, os.path.join(lt, "checkpoint_last.pt"), ["--npd-candidates", "4", "--max-len-b", "30"])
+    assert sorted(hypotheses(own)) == list(range(11))
+
+    def own_scores(out):  # the selection score: mean log-probability of the emitted tokens (an appended EOS,
+        rows = {}         # printed with score 0, does not count)
+        for line in out.splitlines():
+            if line.startswith("P-"):
+                i, values = line.split("\t", 1)
+                p = [float(v) for v in values.split()]
+                rows[int(i[2:])] = sum(p) / (len(p) - 1 if p[-1] == 0 and len(p) > 1 else len(p))
+        return rows
+
+    g, o = own_scores(greedy), own_scores(own)
+    better_or_same = [o[i] >= g[i] - 1e-3 for i in g]
+    assert all(better_or_same) and len(g) == 11, (g, o)
 
     # a teacher trained on another vocabulary of the same size is named, not used
     raw2, bin2 = str(tmp_path / "raw2"), str(tmp_path / "bin2")

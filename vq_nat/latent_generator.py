@@ -10,7 +10,8 @@ Noisy parallel decoding (NPD, Gu et al. 2018; the paper's Table 1 NPD rows), ``n
 sentence gets k latent sequences -- the greedy one plus k - 1 drawn from the latent predictor -- which are
 decoded together in the same parallel pass (a batch of B·k); the autoregressive ``npd_teacher`` scores the
 candidates in one teacher-forced pass and the candidate with the best mean token log-probability under the
-teacher is returned. Sampled latents often decode to the same tokens: the teacher scores each distinct
+teacher is returned. Without a teacher the model rescores its own candidates: the one with the best mean
+log-probability of its emitted tokens is returned (no AR model at inference). Sampled latents often decode to the same tokens: the teacher scores each distinct
 (sentence, candidate) once, through its own encoder and decoder (``extract_features`` + ``output_layer``),
 encoding each source once and projecting only real positions onto the vocabulary.
 Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
@@ -50,9 +51,6 @@ class LatentGenerator:
                  length_beam: int = 1):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
-        if npd_candidates > 1 and npd_teacher is None:
-            raise ValueError("noisy parallel decoding (--npd-candidates > 1) needs --npd-teacher PATH: an "
-                             "autoregressive fairseq model with the same dictionaries that rescores the candidates")
         if oracle_latents and npd_candidates > 1:
             raise ValueError("--oracle-latents decodes the reference's own latents: it cannot be combined with "
                              "--npd-candidates")
@@ -171,11 +169,12 @@ class LatentGenerator:
             if self.teacher is not None:  # NPD / rescored latent beam: the teacher's mean token log-probability
                 targets = self.candidates(tokens, ends, with_eos)
                 choice = teacher_scores = self.rescore(src_tokens, src_lengths, targets, k)
-            else:  # length beam: the model's own mean log-probability of the tokens it emitted (an EOS appended
-                # to a span without one has no score of its own and does not count)
+            else:  # length beam, or NPD without a teacher: the model's own mean log-probability of the tokens it
+                # emitted (an EOS appended to a span without one has no score of its own and does not count)
                 used = torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) < ends.unsqueeze(1)
                 choice = (scores * used).sum(1) / ends.clamp(min=1).float()
-                choice = choice.masked_fill(~length_ok, float("-inf"))
+                if length_ok is not None:
+                    choice = choice.masked_fill(~length_ok, float("-inf"))
             best = choice.view(-1, k).argmax(1)
             rows = (torch.arange(best.numel(), device=best.device) * k + best).tolist()
         latent_len = (~latent_pad).sum(1).tolist()

@@ -32,7 +32,8 @@ class LatentTranslationConfig(TranslationConfig):
     word_shuffle_distance: int = field(default=3, metadata={"help": "max displacement of the local shuffle"})
     npd_candidates: int = field(
         default=1, metadata={"help": "noisy parallel decoding: decode k latent sequences per sentence (greedy + "
-                                     "k-1 sampled) in one parallel pass and keep the one --npd-teacher scores best"}
+                                     "k-1 sampled) in one parallel pass and keep the one --npd-teacher scores best "
+                                     "(without a teacher: the LT's own mean token log-probability)"}
     )
     latent_beam: int = field(
         default=1, metadata={"help": "beam search over latent sequences: decode the best of the k best by latent "
