@@ -62,8 +62,8 @@ def hub_interface_class():
                       **kwargs) -> Union[str, List[str]]:
             if not (isinstance(sentences, str) or (isinstance(sentences, (list, tuple))
                                                    and all(isinstance(s, str) for s in sentences))):
-                raise TypeError(f"translate() takes a str or a list of str, got {type(sentences).__name__}"
-                                f"{' (decode bytes first, e.g. b.decode(\"utf-8\"))' if isinstance(sentences, bytes) else ''}")
+                hint = " (decode bytes first, e.g. text.decode('utf-8'))" if isinstance(sentences, bytes) else ""
+                raise TypeError(f"translate() takes a str or a list of str, got {type(sentences).__name__}{hint}")
             return super().translate(list(sentences) if isinstance(sentences, tuple) else sentences, beam,
                                      verbose, **kwargs)
 
