@@ -428,7 +428,7 @@ def test_bad_arguments_raise():
         make()(torch.randn(3, 5))
     # a temperature <= 0 would assign every latent to its farthest code; 0 would divide by zero
     for t in (-1.0, 0.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match=r"temperature must be a finite number in \(0.0, inf\)"):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0.0001, inf\)"):
             VectorQuantizer(8, 4, assignment="soft", temperature=t)
     with pytest.raises(ValueError, match=r"dead_code_threshold must be a finite number in \[0.0, inf\)"):
         VectorQuantizer(8, 4, dead_code_threshold=-0.1)
