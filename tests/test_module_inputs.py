@@ -179,7 +179,7 @@ CONSTRUCTOR_CASES = [
     (lambda: VectorQuantizer(8, 4, update="sgd"), ValueError, r"update must be one of 'ema', 'grad', got 'sgd'"),
     (lambda: GumbelSoftmaxQuantizer(1, 4), ValueError, r"GumbelSoftmaxQuantizer: num_codes must be >= 2, got 1"),
     (lambda: GumbelSoftmaxQuantizer(8, 4, temperature_min=0.0), ValueError,
-     r"temperature_min must be a finite number in \(0.0, inf\), got 0.0"),
+     r"temperature_min must be a finite number in \(0.0, 1.19\], got 0.0"),
     (lambda: GumbelSoftmaxQuantizer(8, 4, random_temperature_prob=1.5), ValueError,
      r"random_temperature_prob must be a finite number in \[0.0, 1.0\], got 1.5"),
     (lambda: GumbelSoftmaxQuantizer(8, 4, anneal_steps=-1), ValueError, r"anneal_steps must be >= 0, got -1"),
@@ -255,3 +255,17 @@ def test_distinct_samples_needs_integer_codes():
     assert distinct_samples(torch.tensor([[1, 1, 2]])).tolist() == [2.0]
     with pytest.raises(TypeError, match=r"codes must be an integer tensor \(\.\.\., m\).*got torch.float32"):
         distinct_samples(torch.tensor([[1.0, 1.0, 2.0]]))
+
+
+def test_gumbel_annealing_goes_down_and_semhash_bits_need_valid_codes():
+    from vq_nat.modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer
+
+    with pytest.raises(ValueError, match=r"temperature_min must be a finite number in \(0.0, 0.1\]"):
+        GumbelSoftmaxQuantizer(8, 4, temperature_start=0.1, temperature_min=5.0)
+    q = GumbelSoftmaxQuantizer(8, 4)
+    with pytest.raises(ValueError, match="num_updates must be >= 0"):
+        q.set_num_updates(-100000)
+    s = SemanticHashingQuantizer(3, 4)
+    with pytest.raises(ValueError):
+        s.codes_to_bits(torch.tensor([9, -1]))
+    assert s.codes_to_bits(torch.tensor([5])).tolist() == [[1.0, 0.0, 1.0]]

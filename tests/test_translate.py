@@ -94,6 +94,10 @@ def test_hub_errors_name_the_missing_piece(trained, tmp_path):
     lt = from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), bpe_codes=str(out / "bpe" / "codes"))
     with pytest.raises(TypeError, match="a str or a list of str, got bytes"):
         lt.translate(b"A dog runs.")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable fairseq checkpoint"):
+        from_pretrained(str(tmp_path / "ckpt"), "broken.pt", data=str(out / "bin"))
     with pytest.raises(FileNotFoundError, match="BPE codes"):
         from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), bpe_codes=str(tmp_path / "codes"))
 

@@ -78,7 +78,7 @@ class GumbelSoftmaxQuantizer(nn.Module):
         check_int(owner, "num_codes", num_codes, 2)
         check_int(owner, "dim", dim, 1)
         check_float(owner, "temperature_start", temperature_start, 0.0, low_open=True)
-        check_float(owner, "temperature_min", temperature_min, 0.0, low_open=True)
+        check_float(owner, "temperature_min", temperature_min, 0.0, temperature_start, low_open=True)  # anneals down
         check_int(owner, "anneal_steps", anneal_steps, 0)
         check_float(owner, "kl_weight", kl_weight, 0.0)
         check_float(owner, "diversity_weight", diversity_weight, 0.0)
@@ -105,6 +105,8 @@ class GumbelSoftmaxQuantizer(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def set_num_updates(self, num_updates: int) -> None:
+        if int(num_updates) < 0:
+            raise ValueError(f"GumbelSoftmaxQuantizer: num_updates must be >= 0, got {num_updates}")
         self.num_updates.fill_(int(num_updates))
 
     def temperature(self, step: Optional[torch.Tensor] = None) -> torch.Tensor:

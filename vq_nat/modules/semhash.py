@@ -75,7 +75,8 @@ class SemanticHashingQuantizer(nn.Module):
         return (bits.long() * self.bit_values).sum(-1)
 
     def codes_to_bits(self, codes: torch.Tensor) -> torch.Tensor:
-        """t2t ``int_to_bit``: bit_i = floor(code / 2**i) mod 2, as float."""
+        """t2t ``int_to_bit``: bit_i = floor(code / 2**i) mod 2, as float (codes in [0, num_codes))."""
+        check_codes(type(self).__name__, codes, self.num_codes, self.to_bits.weight.device)
         return ((codes.unsqueeze(-1) // self.bit_values) % 2).float()
 
     def _unbottleneck(self, c: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,6 @@ class SemanticHashingQuantizer(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices (...) -> (..., dim) (t2t ``embed``, "semhash"): the eval-mode value for these bits."""
-        check_codes(type(self).__name__, codes, self.num_codes, self.to_bits.weight.device)
         return self._unbottleneck(self.codes_to_bits(codes))
 
     def forward(self, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> QuantizerOutput:
