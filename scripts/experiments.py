@@ -572,6 +572,15 @@ def plot_robustness(args, reseed=False):
         print(f"| {name} | {x} | {o:.2f} | {b:.2f} | {p:.1f} | {mx:.1f} | {info:.3f} |")
 
 
+def same_dictionaries(data, distill):
+    """--distill must be a distillation of --data: the same dictionary files (distill.sh copies them)."""
+    for name in sorted(f for f in os.listdir(data) if f.startswith("dict.")) if os.path.isdir(data) else []:
+        other = os.path.join(distill, name)
+        if os.path.isfile(other) and open(os.path.join(data, name), "rb").read() != open(other, "rb").read():
+            sys.exit(f"experiments.py: --distill {distill} has another {name} than --data {data}: it is not a "
+                     f"distillation of this data (scripts/distill.sh DATA TEACHER OUT copies the dictionaries)")
+
+
 def list_names(what):
     """``experiments.py levers --list`` (and ablations, table1): each name with what it changes."""
     if what == "levers":
@@ -671,6 +680,8 @@ def main(argv=None):
         return
     if not args.data or not args.raw:
         sys.exit("experiments.py: --data and --raw are required")
+    if args.distill:
+        same_dictionaries(args.data, args.distill)
     if args.what in ("table1", "curve"):
         runs = table1_runs(args.work)
         if args.only:  # in the order given

@@ -520,3 +520,15 @@ def test_bench_decode_names_a_bad_option_or_a_swapped_checkpoint_before_timing(t
                         str(ar)], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert p.returncode != 0 and "--lt-path" in p.stderr and "pass a latent_transformer checkpoint" in p.stderr, \
         p.stderr
+
+
+def test_experiments_refuses_a_distillation_of_other_data(tmp_path):
+    data, distill = tmp_path / "bin", tmp_path / "distill"
+    data.mkdir()
+    distill.mkdir()
+    (data / "dict.en.txt").write_text("w1 3\nw2 2\n")
+    (distill / "dict.en.txt").write_text("v1 3\nv2 2\n")
+    p = subprocess.run([sys.executable, "scripts/experiments.py", "table1", "--work", str(tmp_path / "w"), "--data",
+                        str(data), "--distill", str(distill), "--raw", "r", "--dry-run"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "not a distillation of this data" in p.stderr, p.stderr
