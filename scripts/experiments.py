@@ -183,6 +183,8 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     "g0": ["--latent-glancing-ratio", "0"],  # with par: no glancing
     "g03": ["--latent-glancing-ratio", "0.3"],
     "K64": ["--num-codes", "64"],
+    "K32": ["--num-codes", "32"],
+    "pl05": ["--predicted-latent-ratio", "0.5"],
 }
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
              '{"max_len_a": 1.2, "max_len_b": 10}']

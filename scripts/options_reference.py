@@ -43,6 +43,7 @@ ORIGIN = {
     "--latent-length-prediction": HERE + " (fairseq NAT's length classifier, for the latents)",
     "--latent-predictor": HERE + ": parallel after latent-GLAT (Bao et al. 2022)",
     "--latent-glancing-ratio": HERE + " (latent-GLAT)",
+    "--predicted-latent-ratio": HERE + " (the decoder trained on predicted latents, as at inference)",
     "--glancing-ratio": HERE + " (GLAT, Qian et al. 2021)",
     # task
     "--word-dropout": PAPER + ": denoising of the autoencoder input",

@@ -121,6 +121,52 @@ def test_glancing_ratio_is_checked(tmp_path):
         _model(tmp_path, ["--bottleneck", "em", "--latent-glancing-ratio", "0.3"])
 
 
+def test_predicted_latent_ratio_feeds_the_decoder_the_predictors_own_codes(tmp_path, monkeypatch):
+    """--predicted-latent-ratio P: in training, a random share P of the real latent positions reach the decoder
+    as the embedding of the predictor's most probable code (its first glancing pass, reused), the rest as the
+    reference latents; P = 0 leaves the reference latents; evaluation never swaps."""
+    task, model, criterion = _model(tmp_path, PARALLEL + ["--predicted-latent-ratio", "1.0"])
+    dec = model.decoder
+    sample = make_sample(task.target_dictionary, [3, 9, 17, 30], seed=1)
+    src, lens = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    seen, guesses = [], []
+    original_decode, original_guess = dec.decode, dec.latent_predictor.guess
+    monkeypatch.setattr(dec, "decode", lambda latents, *a, **k: seen.append(latents.detach().clone())
+                        or original_decode(latents, *a, **k))
+    monkeypatch.setattr(dec.latent_predictor, "guess",
+                        lambda *a: guesses.append(original_guess(*a)) or guesses[-1])
+    model.train()
+    out = model(src, lens, target=sample["target"])
+    pad = out["latent_padding_mask"]
+    assert len(guesses) == 1  # one first pass, shared by the decoder's inputs and the glancing sampler
+    expected = dec.bottleneck.embed_codes(guesses[0][..., 0])
+    torch.testing.assert_close(seen[0][~pad], expected[~pad], atol=0, rtol=0)
+    assert torch.isfinite(criterion(model, sample)[0])
+
+    calls = len(guesses)
+    dec.predicted_latent_ratio = 0.0  # off: the bottleneck's own latents, no extra pass
+    model(src, lens, target=sample["target"])
+    assert not torch.allclose(seen[-1][~pad], expected[~pad]) and len(guesses) == calls
+    dec.predicted_latent_ratio = 1.0
+    model.eval()  # evaluation never swaps
+    model(src, lens, target=sample["target"])
+    assert len(guesses) == calls
+
+    model.train()
+    dec.predicted_latent_ratio = 0.5  # about half of the real positions swapped
+    torch.manual_seed(4)
+    model(src, lens, target=sample["target"])
+    swapped = (seen[-1] - dec.bottleneck.embed_codes(guesses[-1][..., 0])).abs().sum(-1).lt(1e-6) & ~pad
+    assert 0 < int(swapped.sum()) < int((~pad).sum())
+
+
+def test_predicted_latent_ratio_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"--predicted-latent-ratio must be a finite number in \[0.0, 1.0\], got 2"):
+        _model(tmp_path, PARALLEL + ["--predicted-latent-ratio", "2"])
+    with pytest.raises(ValueError, match="--predicted-latent-ratio applies to --latent-predictor parallel only"):
+        _model(tmp_path, ["--bottleneck", "em", "--predicted-latent-ratio", "0.5"])
+
+
 # ------------------------------------------------------------------------------------------- decoding
 def test_parallel_generate_is_one_pass_at_the_predicted_length_and_batch_invariant(tmp_path):
     task, model, _ = _model(tmp_path, PARALLEL)

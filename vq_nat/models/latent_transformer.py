@@ -124,6 +124,10 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                        help="--latent-predictor parallel: R x (number of wrong codes) reference latents are fed as "
                             "inputs at random positions of each sentence during training, and the loss counts on "
                             "the others (default 0.5; 0 = no glancing)")
+        g.add_argument("--predicted-latent-ratio", type=float, metavar="P",
+                       help="--latent-predictor parallel: in training, the decoder gets the latent predictor's own "
+                            "most probable code instead of the reference latent at a random share P of the latent "
+                            "positions, as it will at inference (0 = off: reference latents only)")
         g.add_argument("--glancing-ratio", type=float, metavar="R",
                        help="adaptive glancing (GLAT, Qian et al. 2021) instead of the masking schedule: each "
                             "update first decodes without gold inputs, then feeds gold target embeddings at "
@@ -209,6 +213,7 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         self.num_updates = 0
         self.stop_latent_gradient = args.latent_input_gradient == "stop"
         self.glancing_ratio = args.glancing_ratio
+        self.predicted_latent_ratio = args.predicted_latent_ratio
 
         self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
         self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
@@ -271,10 +276,18 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
-        masking, glance = self.masking(), None
+        masking, glance, guess = self.masking(), None, None
         if self.training and self.glancing_ratio > 0:
             glance = self.glancing_mask(q.quantized, latent_pad, encoder_out, target)
-        features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=masking,
+        latents = q.quantized
+        if self.training and self.predicted_latent_ratio > 0:
+            # the decoder learns to read predicted latents: at a random share P of the latent positions it gets
+            # the predictor's most probable code (no gradient) instead of the reference latent
+            guess = self.latent_predictor.guess(latent_pad, encoder_out)  # (B, L, blocks)
+            predicted = self.bottleneck.embed_codes(guess[..., 0] if self.num_blocks == 1 else guess)
+            swap = (torch.rand(latent_pad.shape, device=latents.device) < self.predicted_latent_ratio) & ~latent_pad
+            latents = torch.where(swap.unsqueeze(-1), predicted.detach().to(latents.dtype), latents)
+        features = self.decode(latents, latent_pad, encoder_out, gold=tgt, masking=masking,
                                features_only=True, length=target.size(1), use_gold=glance)
         features = features[:, : target.size(1)]
         real = target.ne(self.padding_idx)
@@ -284,7 +297,8 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         if self.latent_predictor.parallel:
             # the codes the glancing sampler compares with: each latent's most frequent sampled code
             reference = mode_codes(samples)
-            lp_logits, glanced = self.latent_predictor(lp_input, latent_pad, encoder_out, reference=reference)
+            lp_logits, glanced = self.latent_predictor(lp_input, latent_pad, encoder_out, reference=reference,
+                                                       guess=guess)
             lp_targets, lp_mask = samples, ~latent_pad & ~glanced  # K codes, no END; glanced positions no target
         else:
             lp_logits = self.latent_predictor(lp_input, latent_pad, encoder_out)
@@ -354,6 +368,7 @@ def base_architecture(args):
         latent_layers=None,
         latent_loss_start=None,
         latent_glancing_ratio=None,
+        predicted_latent_ratio=0.0,
     )
     apply_size(args, "base")  # vq_nat.models.presets (fairseq's transformer base: d=512, 6+6 layers)
     transformer_base_architecture(args)

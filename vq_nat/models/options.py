@@ -63,6 +63,9 @@ def check_args(args) -> None:
         _number(args, "latent_glancing_ratio", 0.0, 1.0)
         if args.latent_predictor != "parallel":
             raise ValueError("--latent-glancing-ratio applies to --latent-predictor parallel only")
+    _number(args, "predicted_latent_ratio", 0.0, 1.0)
+    if args.predicted_latent_ratio > 0 and args.latent_predictor != "parallel":
+        raise ValueError("--predicted-latent-ratio applies to --latent-predictor parallel only")
     if args.decoder_embed_dim % args.num_blocks != 0:
         raise ValueError(f"--num-blocks {args.num_blocks} must divide --decoder-embed-dim {args.decoder_embed_dim}")
     if kind in ("gumbel", "semhash") and args.num_blocks != 1:

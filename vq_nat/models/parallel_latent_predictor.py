@@ -68,21 +68,31 @@ class ParallelLatentPredictor(LatentPredictorBase):
         return self._logits(x.transpose(0, 1))
 
     def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict,
-                reference: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                reference: Optional[Tensor] = None, guess: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Logits (B, L, num_blocks, K) of every latent position in one pass, and the (B, L) mask of the glanced
         positions (no loss there). ``latents`` (B, L, H): the reference latents, fed only at glanced positions;
-        ``reference`` (B, L, num_blocks): their codes, to count wrong predictions. Glancing happens in training
+        ``reference`` (B, L, num_blocks): their codes, to count wrong predictions; ``guess``: the first pass's
+        codes where already computed (``guess``). Glancing happens in training
         mode with a ratio > 0 and ``reference`` given; otherwise nothing is glanced."""
         lengths = (~latent_padding_mask).sum(1)
         x = self._inputs(encoder_out, lengths, latents.size(1)).to(latents.dtype)
         glanced = torch.zeros_like(latent_padding_mask)
         if self.training and self.glancing_ratio > 0 and reference is not None:
             with torch.no_grad():
-                guess = self._pass(x, latent_padding_mask, lengths, encoder_out).argmax(-1)
+                guess = self._pass(x, latent_padding_mask, lengths, encoder_out).argmax(-1) if guess is None \
+                    else guess
                 wrong = (guess != reference).any(-1) & ~latent_padding_mask
                 glanced = random_positions(~latent_padding_mask, glancing_count(wrong, self.glancing_ratio))
             x = torch.where(glanced.unsqueeze(-1), latents, x)
         return self._pass(x, latent_padding_mask, lengths, encoder_out), glanced
+
+    @torch.no_grad()
+    def guess(self, latent_padding_mask: Tensor, encoder_out: Dict) -> Tensor:
+        """(B, L, num_blocks): the most probable code of every latent position given the reference number of
+        latents, nothing glanced (the first pass of glancing; in training mode, with dropout)."""
+        lengths = (~latent_padding_mask).sum(1)
+        x = self._inputs(encoder_out, lengths, latent_padding_mask.size(1))
+        return self._pass(x, latent_padding_mask, lengths, encoder_out).argmax(-1)
 
     @torch.no_grad()
     def generate(
