@@ -80,3 +80,45 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(data_bin, tmp_path)
     with pytest.raises(RuntimeError, match="does not match this latent_transformer"):
         generate(data_bin, bad)
     assert glob.glob(os.path.join(save, "checkpoint*.pt"))
+
+
+def test_a_checkpoint_is_checked_against_the_data_and_options_it_was_trained_with(data_bin, tmp_path, caplog):
+    """The model carries a signature of its dictionaries and latent options: decoding with a dictionary of the same
+    size but other symbols is an error (the weights would load and translate into the wrong words), resuming
+    with another --bottleneck a warning; a checkpoint from before the signature still loads; an image_ae
+    checkpoint given to fairseq-generate is named."""
+    import shutil
+
+    save = str(tmp_path / "ckpt")
+    train(data_bin, save, ["--bottleneck", "em", "--num-samples", "3", "--mask-startup-steps", "2"])
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    before = hypotheses(generate(data_bin, ckpt, ["--max-len-b", "40"]))
+
+    other = str(tmp_path / "other_bin")
+    shutil.copytree(data_bin, other)
+    for name in os.listdir(other):
+        if name.startswith("dict."):
+            path = os.path.join(other, name)
+            text = open(path, encoding="utf-8").read().replace("w", "v")  # same size, other symbols
+            open(path, "w", encoding="utf-8").write(text)
+    with pytest.raises(ValueError, match="trained with another source dictionary .*pass the binarized data"):
+        generate(other, ckpt)
+
+    state = torch.load(ckpt, weights_only=False)
+    assert state["model"]["signature"].dtype == torch.int64 and state["model"]["signature"].shape == (3,)
+    del state["model"]["signature"]  # as saved before the signature existed
+    old = str(tmp_path / "old.pt")
+    torch.save(state, old)
+    assert hypotheses(generate(data_bin, old, ["--max-len-b", "40"])) == before
+
+    caplog.set_level(logging.WARNING)
+    train(data_bin, save, ["--bottleneck", "vq", "--max-update", "4", "--mask-startup-steps", "2"])  # resumes
+    assert "trained with other latent options than --bottleneck vq" in caplog.text
+
+    from image_ae.train import rng_state
+
+    image = str(tmp_path / "image.pt")
+    torch.save({"version": 1, "step": 3, "model": {}, "optimizer": {}, "rng": rng_state(torch.device("cpu")),
+                "args": {"bottleneck": "vq"}}, image)
+    with pytest.raises(RuntimeError, match=f"cannot load {image}: an image_ae checkpoint"):
+        generate(data_bin, image)

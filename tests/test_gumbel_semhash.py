@@ -1,4 +1,5 @@
 """Tests for the Gumbel-Softmax and improved-semantic-hashing bottlenecks (CPU, fast)."""
+import logging
 import math
 
 import numpy as np
@@ -241,3 +242,21 @@ def test_semhash_mix_extremes():
     out = half(torch.randn(4000, DIM) * 3)
     frac = (out.quantized - half.embed_codes(out.codes)).abs().amax(-1).lt(1e-5).float().mean().item()
     assert 0.45 < frac < 0.55
+
+
+@pytest.mark.parametrize("make", [lambda: SemanticHashingQuantizer(num_bits=3, dim=4),
+                                  lambda: GumbelSoftmaxQuantizer(num_codes=8, dim=4)])
+def test_non_finite_inputs_are_named_and_left_out_of_the_code_statistics(make, caplog):
+    """A NaN row's code means nothing: a warning counts such rows and the statistics cover the finite ones only."""
+    torch.manual_seed(0)
+    q = make().eval()
+    z = torch.randn(6, 4)
+    clean = q(z[:4])
+    z[4, 2] = float("nan")
+    z[5, 0] = float("inf")
+    with caplog.at_level(logging.WARNING):
+        out = q(z)
+    assert "2 non-finite encoder outputs" in caplog.text
+    torch.testing.assert_close(out.quantized[:4], clean.quantized)
+    torch.testing.assert_close(out.perplexity, clean.perplexity)
+    torch.testing.assert_close(out.codes_used, clean.codes_used)

@@ -14,7 +14,9 @@ def register():
     """Register the fairseq parts (idempotent): the ``latent_translation`` task, ``latent_transformer`` models,
     the ``latent_vq`` criterion; plus the fixes for the fairseq build (weights-only checkpoint loading under
     torch >= 2.6, no batch dropped by fairseq-fixed's ``batch_by_size``)."""
-    from . import checkpoint_compat  # noqa: F401
+    from . import checkpoint_compat
+
+    checkpoint_compat.install()
     from . import fairseq_compat  # noqa: F401
     from . import criterions, models, tasks  # noqa: F401
 

@@ -3,10 +3,15 @@
 fairseq 0.12 calls ``torch.load(f, map_location=...)`` without ``weights_only``; torch >= 2.6 then refuses
 the Python objects a fairseq checkpoint holds (``argparse.Namespace`` from older checkpoints, numpy scalars
 in the saved meters, omegaconf containers, ...). We allow exactly those types with
-``torch.serialization.add_safe_globals`` when the plugin is imported: no weights-only bypass.
+``torch.serialization.add_safe_globals`` when the plugin is imported: no weights-only bypass. A file that is
+not a fairseq checkpoint (an image_ae checkpoint, say) is named in one line instead of torch's unpickling advice.
 """
 import argparse
 import collections
+import functools
+import pickle
+import pickletools
+import zipfile
 
 import numpy as np
 import torch
@@ -21,3 +26,46 @@ _SAFE += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "b
 
 if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals(_SAFE)
+
+
+def _pickled_strings(path: str) -> set:
+    """The string constants of a torch zip checkpoint's pickle (its top-level keys among them), read with
+    ``pickletools`` -- nothing is unpickled (the tensors live outside the pickle: it is small)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+            data = z.read(name)
+        return {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+    except Exception:
+        return set()
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """A file fairseq cannot load as a checkpoint: another program's, corrupt or truncated."""
+
+
+def _named_load(load):
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+            keys = _pickled_strings(str(path))
+            first = ("it holds Python objects that fairseq does not save" if isinstance(e, pickle.UnpicklingError)
+                     else (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+            what = ("an image_ae checkpoint (python -m image_ae.train); fairseq-generate, fairseq-interactive and "
+                    "vq_nat.hub take checkpoints saved by fairseq-train"
+                    if {"step", "rng", "args"} <= keys and "cfg" not in keys
+                    else f"not a readable fairseq checkpoint (another program's file, corrupt or truncated: {first})")
+            raise UnreadableCheckpoint(f"cannot load {path}: {what}") from None
+
+    return load_checkpoint_to_cpu
+
+
+def install() -> None:
+    """Name foreign files in fairseq's checkpoint loading (called once, when the plugin registers)."""
+    from fairseq import checkpoint_utils
+
+    if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "_vq_nat", False):
+        checkpoint_utils.load_checkpoint_to_cpu = _named_load(checkpoint_utils.load_checkpoint_to_cpu)
+        checkpoint_utils.load_checkpoint_to_cpu._vq_nat = True

@@ -13,7 +13,6 @@ arguments, e.g. ``from_pretrained(..., latent_length_beam=3)``.
 """
 import functools
 import os
-import pickle
 from typing import List, Optional, Union
 
 
@@ -29,6 +28,7 @@ def from_pretrained(model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
     from fairseq import hub_utils
 
     from . import register
+    from .checkpoint_compat import UnreadableCheckpoint
 
     register()
     path = os.path.join(model_dir, checkpoint_file)
@@ -46,11 +46,8 @@ def from_pretrained(model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
         overrides["tokenizer"] = tokenizer
     try:
         loaded = hub_utils.from_pretrained(model_dir, checkpoint_file, os.path.abspath(data), **overrides)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        if isinstance(e, RuntimeError) and "checkpoint" not in str(e) and "zip" not in str(e):
-            raise
-        raise ValueError(f"from_pretrained: {path} is not a readable fairseq checkpoint (an image_ae checkpoint, or "
-                         f"a corrupt or truncated file): {str(e).splitlines()[0]}") from None
+    except UnreadableCheckpoint as e:  # vq_nat.checkpoint_compat names the file and what it is
+        raise ValueError(f"from_pretrained: {e}") from None
     if loaded["task"].__class__.__name__ != "LatentTranslationTask":
         raise ValueError(f"from_pretrained: {path} is a {loaded['args'].task._name} checkpoint, not a "
                          f"latent_translation one (load an AR model with fairseq's TransformerModel.from_pretrained)")

@@ -20,6 +20,7 @@ predictor instead of being fixed at 2x the source length; the decoder emits EOS 
 """
 import logging
 import math
+import zlib
 from typing import Dict, Optional
 
 import torch
@@ -59,6 +60,8 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
     def __init__(self, args, encoder, decoder):
         super().__init__(encoder, decoder)
         self.args = args
+        # what a checkpoint of this model was trained with, checked when one is loaded (``load_state_dict``)
+        self.register_buffer("signature", torch.tensor(signature(args, encoder.dictionary, decoder.dictionary)))
 
     @staticmethod
     def add_args(parser):
@@ -179,6 +182,7 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         return self.encoder(src_tokens, src_lengths=src_lengths)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        state_dict = check_signature(state_dict, self.signature, self.args)
         try:
             return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
         except RuntimeError as e:
@@ -186,6 +190,38 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                 "checkpoint does not match this latent_transformer configuration (a checkpoint of another "
                 f"architecture or other sizes?): {str(e)[:2000]}"
             ) from e
+
+
+SIGNED_OPTIONS = ("bottleneck", "codebook_update", "num_codes", "num_blocks", "num_compress_steps",
+                  "latent_predictor")
+
+
+def signature(args, src_dict, tgt_dict):
+    """[crc32 of the source symbols, of the target symbols, of the latent options in ``SIGNED_OPTIONS``]."""
+    def crc(text):
+        return zlib.crc32(text.encode("utf-8"))
+
+    options = " ".join(f"{k}={getattr(args, k, None)}" for k in SIGNED_OPTIONS)
+    return [crc("\n".join(src_dict.symbols)), crc("\n".join(tgt_dict.symbols)), crc(options)]
+
+
+def check_signature(state_dict, own: Tensor, args):
+    """A checkpoint trained on other dictionaries (of the same size: the weights would load) is an error; one
+    trained with other latent options (``SIGNED_OPTIONS``, e.g. resuming with another ``--bottleneck``) a warning.
+    Checkpoints from before the signature get this model's own."""
+    theirs = state_dict.get("signature")
+    if theirs is None:
+        return {**state_dict, "signature": own.clone()}
+    theirs = theirs.to(own.device)
+    for i, side in enumerate(("source", "target")):
+        if theirs[i] != own[i]:
+            raise ValueError(f"this latent_transformer checkpoint was trained with another {side} dictionary (the "
+                             "same size, other symbols): pass the binarized data directory it was trained on")
+    if theirs[2] != own[2]:
+        logger.warning("this latent_transformer checkpoint was trained with other latent options than %s: its "
+                       "weights now run under these settings (resuming? pass the options it was trained with)",
+                       ", ".join(f"--{k.replace('_', '-')} {getattr(args, k, None)}" for k in SIGNED_OPTIONS))
+    return state_dict
 
 
 class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecoder):

@@ -7,6 +7,7 @@ by ``dense(hot, hidden_size)``), with ``common_layers.inverse_lin_decay`` / ``in
 Also holds the small helpers shared with ``semhash.py`` (schedules, code-usage statistics).
 Plain PyTorch: no fairseq import.
 """
+import logging
 from typing import Optional
 
 import torch
@@ -17,6 +18,8 @@ from .checks import as_padding_mask, check_codes, check_features, check_float, c
 from .output import QuantizerOutput, usage_stats
 from .schedules import inverse_exp_decay, inverse_lin_decay
 
+logger = logging.getLogger(__name__)
+
 
 def checked_input(module: nn.Module, z_e: torch.Tensor, padding_mask: Optional[torch.Tensor]):
     """The checked ``z_e`` as (N, dim) rows and the (N,) float weight of each: 1 for real positions, 0 for padding
@@ -26,9 +29,13 @@ def checked_input(module: nn.Module, z_e: torch.Tensor, padding_mask: Optional[t
     lead = z_e.shape[:-1]
     mask = as_padding_mask(owner, padding_mask, lead, z_e.device)
     rows = z_e.reshape(lead.numel(), module.dim)
-    if mask is None:
-        return rows, torch.ones(lead.numel(), device=z_e.device)
-    return rows, (~mask.reshape(-1)).float()
+    weight = torch.ones(lead.numel(), device=z_e.device) if mask is None else (~mask.reshape(-1)).float()
+    finite = torch.isfinite(rows).all(-1)
+    if not bool(finite.all()):  # NaN/inf stay NaN in z_q and the loss (for fairseq to see); their codes mean nothing
+        logger.warning("%s: %d non-finite encoder outputs: their codes are meaningless and left out of the code "
+                       "statistics", owner, int((~finite & weight.bool()).sum()))
+        weight = weight * finite.float()
+    return rows, weight
 
 
 def gumbel_sample(shape, device=None) -> torch.Tensor:
