@@ -14,23 +14,15 @@ import os
 import sys
 from typing import Optional
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from vq_nat.checkpoint_compat import get as _get, trained_dictionary  # noqa: E402
+
 # kinds a script can ask for
 LATENT = "latent_transformer"  # a Latent Transformer (task latent_translation)
 AUTOREGRESSIVE = "autoregressive"  # an autoregressive fairseq translation model (task translation)
 TRANSLATION = "translation"  # any fairseq translation model
 # tasks whose dictionaries are exactly the data directory's dict.<lang>.txt (no symbols added by the task)
 _PLAIN_DICTIONARY_TASKS = ("translation", "latent_translation")
-
-
-def _get(obj, key):
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(key)
-    try:
-        return obj[key] if hasattr(obj, "__getitem__") and not isinstance(obj, (str, bytes)) else getattr(obj, key)
-    except (KeyError, TypeError, AttributeError):
-        return getattr(obj, key, None)
 
 
 def read(path: str, prog: str):
@@ -113,18 +105,11 @@ def check_dictionaries(state, path: str, data: str, prog: str) -> None:
                 sys.exit(f"{prog}: {path} was trained with a {side} dictionary of {weights[key].shape[0]} entries, "
                          f"but {dict_path} has {entries}: another dictionary; pass the data directory the model was "
                          f"trained on")
-        trained = _trained_dictionary(state, lang)
+        trained = trained_dictionary(state, lang)
         if trained is not None and _symbols(trained) != _symbols(dict_path):
             sys.exit(f"{prog}: {path} was trained on {os.path.dirname(trained)}, whose dict.{lang}.txt has other "
                      f"symbols than {dict_path} (the same size, another vocabulary); pass the data directory the "
                      f"model was trained on")
-
-
-def _trained_dictionary(state, lang: str) -> Optional[str]:
-    """The dictionary file the checkpoint was trained with, when its training data directory is on this machine."""
-    data = _get(_get(state.get("cfg"), "task"), "data") or _get(state.get("args"), "data")
-    path = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data else None
-    return path if path and os.path.isfile(path) else None
 
 
 def _symbols(dict_path: str):

@@ -9,9 +9,11 @@ not a fairseq checkpoint (an image_ae checkpoint, say) is named in one line inst
 import argparse
 import collections
 import functools
+import os
 import pickle
 import pickletools
 import zipfile
+from typing import Optional
 
 import numpy as np
 import torch
@@ -69,3 +71,23 @@ def install() -> None:
     if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "_vq_nat", False):
         checkpoint_utils.load_checkpoint_to_cpu = _named_load(checkpoint_utils.load_checkpoint_to_cpu)
         checkpoint_utils.load_checkpoint_to_cpu._vq_nat = True
+
+
+def get(obj, key):
+    """``obj[key]`` or ``obj.key`` for the dicts, omegaconf configs and Namespaces of a checkpoint (None if absent)."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    try:
+        return obj[key] if hasattr(obj, "__getitem__") and not isinstance(obj, (str, bytes)) else getattr(obj, key)
+    except (KeyError, TypeError, AttributeError):
+        return getattr(obj, key, None)
+
+
+def trained_dictionary(state, lang: str) -> Optional[str]:
+    """The ``dict.<lang>.txt`` a fairseq checkpoint (its loaded ``state``) was trained with, when its training
+    data directory is on this machine (else None)."""
+    data = get(get(state.get("cfg"), "task"), "data") or get(state.get("args"), "data")
+    path = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data and lang else None
+    return path if path and os.path.isfile(path) else None

@@ -9,9 +9,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from fairseq.data import Dictionary
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from ..checkpoint_compat import get, trained_dictionary
 from ..latent_generator import LatentGenerator
 from ..modules.denoising import word_dropout, word_shuffle
 
@@ -140,7 +142,8 @@ class LatentTranslationTask(TranslationTask):
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--npd-teacher: no such checkpoint: {path}")
-        (teacher,), _ = checkpoint_utils.load_model_ensemble([path], task=self)
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)  # read once: the model and its training data
+        (teacher,), _ = checkpoint_utils.load_model_ensemble([path], task=self, state=state)
         if hasattr(teacher, "encode_source"):
             raise ValueError(f"--npd-teacher {path} is a latent_transformer checkpoint; the teacher must be an "
                              "autoregressive translation model (e.g. --arch transformer, scripts/train-teacher.sh) "
@@ -149,26 +152,14 @@ class LatentTranslationTask(TranslationTask):
             raise ValueError(f"--npd-teacher {path}: its target dictionary has {len(teacher.decoder.dictionary)} "
                              f"entries, this task's {len(self.target_dictionary)}; it must be trained on the same "
                              "binarized data (scripts/train-teacher.sh)")
-        trained = self._training_dictionary(path)
-        if trained is not None and trained.symbols != self.target_dictionary.symbols:
+        trained = trained_dictionary(state, get(get(state.get("cfg"), "task"), "target_lang") or self.cfg.target_lang)
+        if trained is not None and Dictionary.load(trained).symbols != self.target_dictionary.symbols:
             raise ValueError(f"--npd-teacher {path} was trained with another target vocabulary (the same size, other "
                              f"symbols); it must be trained on the same binarized data (scripts/train-teacher.sh)")
         if models:
             p = next(models[0].parameters())
             teacher.to(device=p.device, dtype=p.dtype)
         return teacher.eval()
-
-    def _training_dictionary(self, path):
-        """The target dictionary a checkpoint was trained with, when its data directory is on this machine."""
-        from fairseq import checkpoint_utils
-        from fairseq.data import Dictionary
-
-        cfg = checkpoint_utils.load_checkpoint_to_cpu(path).get("cfg") or {}
-        task = cfg.get("task") if hasattr(cfg, "get") else None
-        data, lang = (task.get("data"), task.get("target_lang")) if task is not None else (None, None)
-        lang = lang or self.cfg.target_lang  # inferred from the file names at training time, as here
-        dict_path = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data and lang else ""
-        return Dictionary.load(dict_path) if os.path.isfile(dict_path) else None
 
     def valid_step(self, sample, model, criterion):
         """fairseq's validation (``--eval-bleu``: BLEU of ordinary decoding as ``bleu``), plus, for a latent
