@@ -35,6 +35,9 @@ PRESETS: Dict[str, Dict[str, Optional[int]]] = {
     "paper": dict(hidden_dim=512, res_hidden_dim=None, num_codes=256, code_dim=512, latents_per_position=10),
     "vqvae": dict(hidden_dim=128, res_hidden_dim=32, num_codes=512, code_dim=64, latents_per_position=1),
 }
+# the ModelConfig fields that are VectorQuantizer arguments of the same name
+QUANTIZER_SETTINGS = ("num_codes", "num_samples", "update", "decay", "epsilon", "beta", "temperature", "kmeans_init",
+                      "dead_code_threshold")
 LATENT_GRID = 8  # both presets put the latents on an 8x8 grid for 32x32 images
 
 
@@ -167,19 +170,8 @@ class ImageAutoencoder(nn.Module):
         build = {"paper": (_paper_encoder, _paper_decoder), "vqvae": (_vqvae_encoder, _vqvae_decoder)}[config.arch]
         self.encoder = build[0](config)
         self.decoder = build[1](config)
-        self.quantizer = VectorQuantizer(
-            num_codes=config.num_codes,
-            dim=config.code_dim,
-            assignment="hard" if config.bottleneck == "vq" else "soft",
-            num_samples=config.num_samples,
-            update=config.update,
-            decay=config.decay,
-            epsilon=config.epsilon,
-            beta=config.beta,
-            temperature=config.temperature,
-            kmeans_init=config.kmeans_init,
-            dead_code_threshold=config.dead_code_threshold,
-        )
+        self.quantizer = VectorQuantizer.for_bottleneck(
+            config.bottleneck, config.code_dim, **{k: getattr(config, k) for k in QUANTIZER_SETTINGS})
         # The quantizer's codes start as e_j ~ N(0, I), on the scale of a layer-normalised z_e (unit variance
         # per coordinate: the translation model's z_e). A raw conv output starts far smaller, so every latent
         # is nearest the one code closest to the origin, and the E-step posterior is one-hot (soft EM = hard

@@ -10,27 +10,21 @@ from torch import Tensor
 from ..modules import GumbelSoftmaxQuantizer, SemanticHashingQuantizer, VectorQuantizer, distinct_samples
 
 BOTTLENECKS = ("vq", "em", "gumbel", "semhash")
+# the options of --bottleneck vq / em: command-line name -> VectorQuantizer argument
+QUANTIZER_OPTIONS = {
+    "num_codes": "num_codes", "num_samples": "num_samples", "codebook_update": "update", "codebook_decay": "decay",
+    "codebook_epsilon": "epsilon", "commitment_beta": "beta", "num_blocks": "num_blocks",
+    "soft_em_temperature": "temperature", "codebook_init_std": "init_std", "kmeans_init": "kmeans_init",
+    "dead_code_threshold": "dead_code_threshold",
+}
 
 
 def build_bottleneck(args, dim: int) -> nn.Module:
     """The ``--bottleneck`` module (its options are checked by ``check_args`` first)."""
     kind = args.bottleneck
     if kind in ("vq", "em"):
-        return VectorQuantizer(
-            num_codes=args.num_codes,
-            dim=dim,
-            assignment="hard" if kind == "vq" else "soft",
-            num_samples=args.num_samples,
-            update=args.codebook_update,
-            decay=args.codebook_decay,
-            epsilon=args.codebook_epsilon,
-            beta=args.commitment_beta,
-            num_blocks=args.num_blocks,
-            temperature=args.soft_em_temperature,
-            init_std=args.codebook_init_std,
-            kmeans_init=args.kmeans_init,
-            dead_code_threshold=args.dead_code_threshold,
-        )
+        return VectorQuantizer.for_bottleneck(kind, dim, **{arg: getattr(args, option)
+                                                            for option, arg in QUANTIZER_OPTIONS.items()})
     if kind == "gumbel":
         return GumbelSoftmaxQuantizer(num_codes=args.num_codes, dim=dim)
     return SemanticHashingQuantizer(num_bits=int(round(math.log2(args.num_codes))), dim=dim)

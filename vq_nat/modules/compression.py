@@ -95,6 +95,13 @@ class ResidualConvBlock(nn.Module):
         return _zero_pad(x + y, padding_mask)
 
 
+def _residual_stack(module: nn.Module, dim: int, steps: int, kernel_size: int, dropout: float, blocks: int) -> None:
+    """The checked options and the residual blocks that the Compressor and the Decompressor share."""
+    _check_options(type(module).__name__, dim, steps, kernel_size, dropout)
+    module.dim, module.steps = dim, steps
+    module.residual = nn.ModuleList(ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(blocks))
+
+
 class Compressor(nn.Module):
     """Target embeddings (B, T, H) -> (B, T / 2^nc, H): ``nc`` residual blocks, then ``nc`` stride-2 convolutions.
 
@@ -103,12 +110,7 @@ class Compressor(nn.Module):
 
     def __init__(self, dim: int, num_compress_steps: int, kernel_size: int = 3, dropout: float = 0.1):
         super().__init__()
-        _check_options(type(self).__name__, dim, num_compress_steps, kernel_size, dropout)
-        self.dim = dim
-        self.steps = num_compress_steps
-        self.residual = nn.ModuleList(
-            ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(max(num_compress_steps, 1))
-        )
+        _residual_stack(self, dim, num_compress_steps, kernel_size, dropout, blocks=max(num_compress_steps, 1))
         self.strided = nn.ModuleList(nn.Conv1d(dim, dim, 2, stride=2) for _ in range(num_compress_steps))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_compress_steps))
 
@@ -136,12 +138,7 @@ class Decompressor(nn.Module):
 
     def __init__(self, dim: int, num_compress_steps: int, kernel_size: int = 3, dropout: float = 0.1):
         super().__init__()
-        _check_options(type(self).__name__, dim, num_compress_steps, kernel_size, dropout)
-        self.dim = dim
-        self.steps = num_compress_steps
-        self.residual = nn.ModuleList(
-            ResidualConvBlock(dim, kernel_size, dropout=dropout) for _ in range(num_compress_steps)
-        )
+        _residual_stack(self, dim, num_compress_steps, kernel_size, dropout, blocks=num_compress_steps)
         self.thicken = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(num_compress_steps))
         self.norms = nn.ModuleList(nn.LayerNorm(2 * dim) for _ in range(num_compress_steps))
 

@@ -51,6 +51,13 @@ class VectorQuantizer(nn.Module):
             random encoder outputs of the batch and their EMA state reset (beyond the paper; 0 = off).
     """
 
+    @classmethod
+    def for_bottleneck(cls, bottleneck: str, dim: int, **settings) -> "VectorQuantizer":
+        """The one mapping of a bottleneck name onto this class (the Latent Transformer's ``--bottleneck`` and
+        image_ae's): "vq" = hard assignment (VQ-VAE, hard EM), "em" = soft EM; ``settings``: the other arguments."""
+        check_choice(cls.__name__, "bottleneck", bottleneck, ("vq", "em"))
+        return cls(dim=dim, assignment="hard" if bottleneck == "vq" else "soft", **settings)
+
     def __init__(
         self,
         num_codes: int,
