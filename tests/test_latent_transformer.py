@@ -5,7 +5,8 @@ import torch
 
 from fairseq_helpers import TINY, USER_DIR
 from fairseq_helpers import make_sample as helpers_make_sample
-from vq_nat.models.curriculum import annealed_temperature, masking_probability
+from vq_nat.models.curriculum import masking_probability
+from vq_nat.modules.schedules import annealed_temperature
 from vq_nat.modules.compression import Compressor, Decompressor, conv_btc
 from vq_nat.modules.denoising import word_dropout, word_shuffle
 
@@ -78,6 +79,13 @@ def test_annealed_temperature_follows_the_updates_and_is_saved_with_the_model(tm
     with torch.no_grad():
         criterion(fresh, sample)
     assert fresh.decoder.bottleneck.temperature == pytest.approx(30.0 ** 0.5)
+    # the quantizer owns the schedule; checkpoints that kept it in the decoder still load
+    assert "decoder.bottleneck.current_temperature" in state and "decoder.soft_em_temperature" not in state
+    state["decoder.soft_em_temperature"] = state.pop("decoder.bottleneck.current_temperature")
+    _, old, _ = build_task_and_model(
+        str(tmp_path / "o"), ["--bottleneck", "em", "--soft-em-temperature", "30", "--soft-em-anneal-updates", "200"])
+    old.load_state_dict(state)
+    assert old.decoder.bottleneck.temperature == pytest.approx(30.0 ** 0.5)
     model.set_num_updates(400)
     criterion(model, sample)
     assert dec.bottleneck.temperature == pytest.approx(1.0)

@@ -473,3 +473,23 @@ def test_two_ranks_hold_one_codebook_equal_to_union_batch(assignment):
             single(torch.cat([batch[0::2], batch[1::2]]))
         for k in s0:
             torch.testing.assert_close(s0[k], single.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_quantizer_anneals_its_own_temperature_and_saves_it():
+    """anneal_updates: T(step) = start ** (1 - min(step / N, 1)), set by set_num_updates (as fairseq calls every
+    module's), kept in fp32 under .half() and restored from a state dict; 0 = constant and nothing saved."""
+    q = VectorQuantizer(8, 4, assignment="soft", temperature=16.0, anneal_updates=100)
+    assert q.temperature == 16.0
+    q.set_num_updates(50)
+    assert q.temperature == pytest.approx(4.0) and float(q.current_temperature) == pytest.approx(4.0)
+    fresh = VectorQuantizer(8, 4, assignment="soft", temperature=16.0, anneal_updates=100)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.temperature == pytest.approx(4.0)
+    q.set_num_updates(1000)
+    assert q.temperature == pytest.approx(1.0)
+    assert q.half().current_temperature.dtype == torch.float32
+    constant = VectorQuantizer(8, 4, assignment="soft", temperature=16.0)
+    constant.set_num_updates(50)
+    assert constant.temperature == 16.0 and "current_temperature" not in constant.state_dict()
+    with pytest.raises(ValueError, match="anneal_updates must be"):
+        VectorQuantizer(8, 4, assignment="soft", anneal_updates=-1)

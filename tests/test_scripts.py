@@ -171,7 +171,7 @@ def test_experiments_table1_resume_report_robustness_and_dump_latents(prepared):
         assert (cfg.num_codes, cfg.num_compress_steps, cfg.ae_attend_source) == (64, 2, True)
         assert (cfg.soft_em_temperature, cfg.soft_em_anneal_updates) == (temperature, anneal)
         if anneal:  # saved with the temperature of the last training step (update_num 1 of 2): 30 ** (1 - 1/2)
-            assert float(state["model"]["decoder.soft_em_temperature"]) == pytest.approx(30.0 ** 0.5)
+            assert float(state["model"]["decoder.bottleneck.current_temperature"]) == pytest.approx(30.0 ** 0.5)
 
     # k-means codebook init without the decoder warm-up, one bottleneck only: only its run is trained
     p = py("scripts/experiments.py", "robustness", "--data", data_bin, "--raw", raw, "--work", work,

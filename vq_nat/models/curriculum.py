@@ -1,6 +1,6 @@
 """The Latent Transformer's training curriculum, functions of the update number (t2t ``transformer_nat``): the
-decoder-input masking warm-up or GLAT's glancing instead, the soft-EM temperature annealing, and the gate of the
-latent-predictor loss. ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them at the current update."""
+decoder-input masking warm-up or GLAT's glancing instead, and the gate of the latent-predictor loss (the
+bottleneck anneals its own soft-EM temperature). ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them at the current update."""
 from typing import Dict
 
 import torch
@@ -23,16 +23,6 @@ def masking_probability(step: int, mask_startup_steps: int) -> float:
     return float(masking.clamp(0.0, 1.0))
 
 
-def annealed_temperature(step: int, start: float, anneal_updates: int) -> float:
-    """Soft EM's E-step temperature at update ``step``, annealed geometrically from ``start`` to the paper's 1:
-
-    T(step) = start ** (1 - min(step / anneal_updates, 1)); constant ``start`` when anneal_updates <= 0.
-    """
-    if anneal_updates <= 0:
-        return float(start)
-    return float(start) ** (1.0 - min(step / anneal_updates, 1.0))
-
-
 def latent_gate(step: int, latent_loss_start: int) -> float:
     """t2t gates the latent-predictor loss: it counts (1) iff step > latent_loss_start, else 0."""
     return 1.0 if step > latent_loss_start else 0.0
@@ -41,17 +31,14 @@ def latent_gate(step: int, latent_loss_start: int) -> float:
 class Curriculum:
     """The schedules at ``self.num_updates`` (set by fairseq's ``set_num_updates`` every update)."""
 
-    def set_num_updates(self, num_updates):
+    def set_num_updates(self, num_updates):  # the bottleneck keeps its own schedules (fairseq calls it too)
         self.num_updates = num_updates
-        if self.anneal_updates > 0:
-            t = annealed_temperature(num_updates, self.start_temperature, self.anneal_updates)
-            self.soft_em_temperature.fill_(t)
-            self.bottleneck.temperature = t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = state_dict.pop(prefix + "soft_em_temperature", None)  # where checkpoints kept it before
+        if old is not None:
+            state_dict.setdefault(prefix + "bottleneck.current_temperature", old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.anneal_updates > 0:  # a loaded checkpoint encodes with the temperature it was saved with
-            self.bottleneck.temperature = float(self.soft_em_temperature)
 
     def masking(self) -> float:
         if not self.training or self.glancing_ratio > 0:

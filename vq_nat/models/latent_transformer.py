@@ -254,11 +254,6 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
         self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
         self.bottleneck = build_bottleneck(args, dim)
-        self.anneal_updates = args.soft_em_anneal_updates
-        if self.anneal_updates > 0:
-            self.start_temperature = float(args.soft_em_temperature)
-            # the current temperature is saved with the model, so that a loaded checkpoint encodes with it
-            self.register_buffer("soft_em_temperature", torch.tensor(self.start_temperature))
         self.num_codes = args.num_codes
         self.num_blocks = args.num_blocks if args.bottleneck in ("vq", "em") else 1
         max_latents = (args.max_target_positions + self.factor - 1) // self.factor

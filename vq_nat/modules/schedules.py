@@ -19,3 +19,13 @@ def inverse_exp_decay(max_step: float, step: torch.Tensor, min_value: float = 0.
     if max_step <= 0:
         return torch.ones_like(step)
     return min_value ** (torch.clamp(float(max_step) - step, min=0.0) / float(max_step))
+
+
+def annealed_temperature(step: int, start: float, anneal_updates: int) -> float:
+    """Soft EM's E-step temperature at update ``step``, annealed geometrically from ``start`` to the paper's 1:
+
+    T(step) = start ** (1 - min(step / anneal_updates, 1)); constant ``start`` when anneal_updates <= 0.
+    """
+    if anneal_updates <= 0:
+        return float(start)
+    return float(start) ** (1.0 - min(step / anneal_updates, 1.0))

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from .checks import as_padding_mask, check_choice, check_codes, check_features, check_float, check_int
 from .distributed import all_reduce_sum, broadcast_, first_rank_with, is_distributed
 from .output import QuantizerOutput, code_perplexity
+from .schedules import annealed_temperature
 
 logger = logging.getLogger(__name__)
 
 # buffers that must stay fp32 even after module.half() / .bfloat16() (0.001 * count vanishes in fp16)
-_FP32_BUFFERS = ("embed", "ema_count", "ema_sum")
+_FP32_BUFFERS = ("embed", "ema_count", "ema_sum", "current_temperature")
 # score-matrix entries computed at once by the E-step (8M fp32 = 32 MB): rows per chunk = this // K
 MIN_TEMPERATURE = 1e-4  # the smallest soft-EM temperature (see VectorQuantizer)
 _CHUNK_SCORES = 1 << 23
@@ -42,6 +43,8 @@ class VectorQuantizer(nn.Module):
         num_blocks: product quantization (DVQ, Kaiser et al. 2018): z_e is cut into ``num_blocks`` slices of
             ``dim / num_blocks``, each quantized with its own K-code codebook.
         temperature: soft-EM temperature dividing the logits (1 = the paper).
+        anneal_updates: soft EM: anneal the temperature geometrically from ``temperature`` to 1 over this many
+            updates (``set_num_updates``; 0 = constant); the current value is saved with the module.
         init_std: standard deviation of the initial codes, e_j ~ N(0, init_std^2 I). At 1 (codes on the scale of
             layer-normalised z_e) the T=1 posterior is nearly one-hot at the start; small codes near the origin
             (tensor2tensor's uniform-unit-scaling init has std 1/sqrt(K)) give soft EM a posterior spread over
@@ -70,6 +73,7 @@ class VectorQuantizer(nn.Module):
         beta: float = 0.25,
         num_blocks: int = 1,
         temperature: float = 1.0,
+        anneal_updates: int = 0,
         init_std: float = 1.0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
@@ -91,6 +95,10 @@ class VectorQuantizer(nn.Module):
         # T <= 0 would pick the farthest codes
         # below MIN_TEMPERATURE the scaled scores 2 s_ij / T overflow float32; T -> 0 is hard EM (assignment="hard")
         check_float(owner, "temperature", temperature, MIN_TEMPERATURE)
+        check_int(owner, "anneal_updates", anneal_updates, 0)
+        if anneal_updates > 0 and assignment == "hard":
+            logger.warning("%s: anneal_updates=%d has no effect with assignment='hard' (no temperature); set it to "
+                           "0 or use assignment='soft'", owner, anneal_updates)
         check_float(owner, "epsilon", epsilon, 0.0)
         check_float(owner, "beta", beta, 0.0)
         check_float(owner, "dead_code_threshold", dead_code_threshold, 0.0)
@@ -108,7 +116,11 @@ class VectorQuantizer(nn.Module):
         self.beta = beta
         self.num_blocks = num_blocks
         self.block_dim = dim // num_blocks
-        self.temperature = temperature
+        self.temperature = temperature  # the current one: annealed from start_temperature by set_num_updates
+        self.start_temperature = temperature
+        self.anneal_updates = anneal_updates
+        if anneal_updates > 0:  # saved, so that a loaded checkpoint encodes with the temperature it reached
+            self.register_buffer("current_temperature", torch.tensor(float(temperature)))
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
 
@@ -421,6 +433,17 @@ class VectorQuantizer(nn.Module):
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
         return result
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """T(step) = start ** (1 - min(step / anneal_updates, 1)) (``schedules.annealed_temperature``)."""
+        if self.anneal_updates > 0:
+            self.temperature = annealed_temperature(num_updates, self.start_temperature, self.anneal_updates)
+            self.current_temperature.fill_(self.temperature)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.anneal_updates > 0:
+            self.temperature = float(self.current_temperature)
 
     def extra_repr(self) -> str:
         return (
