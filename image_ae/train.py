@@ -159,6 +159,8 @@ RANGES = (
 # options that change nothing unless another option is set: (dest, is it in effect?, why not)
 INTERACTIONS = (
     ("num_samples", lambda a: a.bottleneck == "em", "--bottleneck vq takes the nearest code (one per latent)"),
+    ("temperature", lambda a: a.bottleneck == "em", "--bottleneck vq takes the nearest code and does not sample "
+                                                    "(only the logged posterior_entropy is computed at it)"),
     ("decay", lambda a: a.update == "ema", "--codebook-update grad trains the codebook by gradient, not by EMA"),
     ("epsilon", lambda a: a.update == "ema", "--codebook-update grad keeps no EMA counts to smooth"),
     ("dead_code_threshold", lambda a: a.update == "ema", "--codebook-update grad keeps no EMA counts"),

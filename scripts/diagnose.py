@@ -26,6 +26,7 @@ Prints one table and, with ``--json``, appends the numbers as one JSON line.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -47,6 +48,14 @@ def main(argv=None):
     p.add_argument("--label", default="", help="stored with the JSON line")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
+    # checked before any work, in one line each (as dump_latents.py's --batch-size, bench_decode.py's --max-len-a)
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--max-len-a", args.max_len_a, 0),
+                             ("--max-len-b", args.max_len_b, 0), ("--latent-end-penalty", args.latent_end_penalty,
+                                                                   -math.inf)):
+        if not (math.isfinite(value) and value >= low):
+            bound = f">= {low}" if isinstance(value, int) else "a finite number" + (
+                f" >= {low:g}" if low > -math.inf else "")
+            sys.exit(f"diagnose.py: {name} must be {bound}, got {value}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dump_latents import load_checkpoint
 

@@ -16,9 +16,12 @@
 untokenized ``test.<tgt>`` references), ``DISTILL_BIN`` from ``scripts/distill.sh``. Every run is a plain
 ``fairseq-train`` / ``fairseq-generate`` command (printed before it runs) and is resumable: a run whose last
 checkpoint has reached ``--max-update`` is not trained again, a decoded output that exists is not decoded again,
-so rerunning the same command continues where it stopped. All models get the same size (the ``tiny`` preset of
-``vq_nat/models/presets.py``: d=128, ffn 256, 4 heads, 3+3 layers, shared embeddings), optimizer, batch size
-(``--max-tokens``) and number of updates.
+so rerunning the same command continues where it stopped (``--max-update`` may grow). Each run directory records
+the fairseq-train command that first trained it (``train_command.json``, without the budget and the logging and
+saving options); a later command that would train it with other options stops with their names, unless
+``--overwrite`` is given, which deletes that run directory and trains it anew. All models get the same size (the
+``tiny`` preset of ``vq_nat/models/presets.py``: d=128, ffn 256, 4 heads, 3+3 layers, shared embeddings), optimizer,
+batch size (``--max-tokens``) and number of updates.
 
 Devices: fairseq trains and decodes on the GPU(s) it sees and on the CPU otherwise; ``--cpu`` forces the CPU.
 Options after ``--`` are appended to every fairseq-train command (so they win: ``-- --fp16 --update-freq 2``,
@@ -186,6 +189,10 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     "K32": ["--num-codes", "32"],
     "pl05": ["--predicted-latent-ratio", "0.5"],
 }
+# levers valid only with ``par`` (``--latent-predictor parallel``): checked before anything is trained, as fairseq
+# would refuse them only when the run starts
+PARALLEL_ONLY = {"g0": "the parallel predictor's glancing", "g03": "the parallel predictor's glancing",
+                 "pl05": "the parallel predictor's share of predicted latents at the decoder input"}
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
              '{"max_len_a": 1.2, "max_len_b": 10}']
 
@@ -196,9 +203,11 @@ def lever_run(combo, distilled=False, seed=1):
     unknown = [k for k in keys if k not in LEVERS]
     if unknown:
         sys.exit(f"experiments.py: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
-    if any(k in ("g0", "g03") for k in keys) and "par" not in keys:
-        sys.exit(f"experiments.py: lever(s) g0/g03 set the parallel predictor's glancing: combine them with par "
-                 f"(e.g. par+g0), not {combo!r}")
+    parallel_only = [k for k in keys if k in PARALLEL_ONLY]
+    if parallel_only and "par" not in keys:
+        what = ", ".join(f"{k} ({' '.join(LEVERS[k])}: {PARALLEL_ONLY[k]})" for k in dict.fromkeys(parallel_only))
+        sys.exit(f"experiments.py: lever(s) {what} apply to the parallel latent predictor only: combine them with par "
+                 f"(e.g. par+{parallel_only[0]}), not {combo!r}")
     base = lt_run("em", distilled=distilled, seed=seed)
     extra = [a for k in keys for a in LEVERS[k]]
     name = f"lever-{combo}-{'distill' if distilled else 'raw'}-s{seed}"
@@ -212,9 +221,11 @@ def execute_levers(combos, args):
     import diagnose
 
     results_path = os.path.join(args.work, "results.jsonl")
-    for combo in combos:
-        run = lever_run(combo, distilled=args.distill is not None, seed=args.seed)
-        data = args.distill or args.data
+    data = args.distill or args.data
+    runs = [lever_run(combo, distilled=args.distill is not None, seed=args.seed) for combo in combos]
+    for run in runs:  # every combination and every run directory checked before anything is trained
+        check_trained_with(run, args, data)
+    for combo, run in zip(combos, runs):
         ckpt = train(run, args, data)
         _, tgt = langs(data)
         diagnose_args = [data, "--path", ckpt, "--subset", args.subset, "--ref",
@@ -285,20 +296,130 @@ def num_updates(checkpoint):
     return int(state.get("optimizer_history", [{}])[-1].get("num_updates", 0))
 
 
+def train_command(run, args, data):
+    save = os.path.join(args.work, run.name)
+    return ["fairseq-train", data, "--user-dir", USER_DIR, *run.train_args, *OPTIM,
+            "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--save-dir", save,
+            "--save-interval-updates", "500", "--keep-interval-updates", "-1" if args.keep_checkpoints else "1",
+            "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log"),
+            *(["--cpu"] if args.cpu else []), *args.train_extra]
+
+
+# fairseq-train options that may change when a run is resumed, left out of its record (TRAIN_RECORD): the budget,
+# where and how often it logs and saves, the device and data loading, and where this checkout is (--user-dir)
+RESUMABLE_OPTIONS = {
+    "--max-update", "--max-epoch", "--save-dir", "--log-file", "--log-interval", "--log-format", "--no-progress-bar",
+    "--save-interval-updates", "--keep-interval-updates", "--save-interval", "--keep-last-epochs",
+    "--keep-best-checkpoints", "--no-epoch-checkpoints", "--no-last-checkpoints", "--tensorboard-logdir",
+    "--wandb-project", "--user-dir", "--cpu", "--num-workers",
+}
+TRAIN_RECORD = "train_command.json"  # in the run directory: what trained it, written before its first update
+_NUMBER = re.compile(r"-\d[\d.]*(e[-+]?\d+)?|-\.\d+|-inf|-nan", re.I)
+
+
+def option_groups(cmd):
+    """[(option, [values])] of a command line after the program, in order; the positionals come as ('', [...])."""
+    groups = [("", [])]
+    for a in cmd[1:]:
+        if a.startswith("-") and not _NUMBER.fullmatch(a):
+            name, eq, value = a.partition("=")
+            groups.append((name, [value] if eq else []))
+        else:
+            groups[-1][1].append(a)
+    return groups
+
+
+def options(cmd):
+    """{option: values} of a command line, the last occurrence of an option winning as in argparse."""
+    return {name: tuple(values) for name, values in option_groups(cmd)}
+
+
+def train_key(cmd):
+    """The part of a fairseq-train command that defines the model it trains: without RESUMABLE_OPTIONS, the data
+    directory as a real path. Stored as JSON in the run directory, as generate_once stores its key."""
+    (_, positionals), *rest = option_groups(cmd)
+    positionals = [os.path.realpath(positionals[0]), *positionals[1:]] if positionals else []
+    kept = [cmd[0], *positionals]
+    for name, values in rest:
+        if name not in RESUMABLE_OPTIONS:
+            kept += [name, *values]
+    return json.dumps({"cmd": kept})
+
+
+def read_key(path):
+    """The key a command's output was recorded with (write_key), or None when there is none."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_key(path, key):
+    with open(path + ".tmp", "w") as f:
+        f.write(key)
+    os.replace(path + ".tmp", path)
+
+
+def has_checkpoints(save):
+    return os.path.isdir(save) and any(re.fullmatch(r"checkpoint.*\.pt", f) for f in os.listdir(save))
+
+
+def check_trained_with(run, args, data):
+    """Exit when ``run``'s directory holds a model trained by another command than this one gives (other data, model,
+    criterion, optimization or passthrough options; RESUMABLE_OPTIONS may differ), naming the options; with
+    ``--overwrite`` the directory is deleted instead, so that the run is trained anew. A recorded command that
+    trained nothing yet (no checkpoint) is simply replaced. Returns the key of this command."""
+    save = os.path.join(args.work, run.name)
+    key = train_key(train_command(run, args, data))
+    recorded = read_key(os.path.join(save, TRAIN_RECORD))
+    if recorded is None or not has_checkpoints(save):
+        return key
+    try:
+        before = options(json.loads(recorded)["cmd"])
+    except (ValueError, KeyError, TypeError):
+        before = None
+    now = options(json.loads(key)["cmd"])
+    if before == now:
+        return key
+    if before is None:
+        what = f"its record {os.path.join(save, TRAIN_RECORD)} is unreadable"
+    else:
+        show = lambda v: "(not given)" if v is None else " ".join(v) or "(set)"  # noqa: E731
+        what = "trained with other options: " + ", ".join(
+            f"{name or 'data'} {show(before.get(name))} -> {show(now.get(name))}"
+            for name in dict.fromkeys([*before, *now]) if before.get(name) != now.get(name))
+    if not args.overwrite:
+        sys.exit(f"experiments.py: run {run.name} in {args.work} was {what}; pass another --work for these "
+                 f"options, or --overwrite to delete {save} and train it anew")
+    if args.dry_run:
+        print(f"experiments.py: --overwrite: would delete {save} ({what})", flush=True)
+        return key
+    import shutil
+
+    print(f"experiments.py: --overwrite: deleting {save} ({what})", flush=True)
+    shutil.rmtree(save)
+    return key
+
+
 def train(run, args, data):
     save = os.path.join(args.work, run.name)
+    key = check_trained_with(run, args, data)
     if not args.dry_run:
         os.makedirs(save, exist_ok=True)
+        record = os.path.join(save, TRAIN_RECORD)
+        if read_key(record) != key:
+            if read_key(record) is None and has_checkpoints(save):
+                print(f"experiments.py: INFO: {run.name} has checkpoints but no record of the command that trained "
+                      f"them (trained before experiments.py kept one): accepted as trained by this command, "
+                      f"recorded in {record}", flush=True)
+            write_key(record, key)
     ckpt = os.path.join(save, "checkpoint_last.pt")
     done = num_updates(ckpt)
     if done >= args.max_update:
         print(f"experiments.py: {run.name}: trained ({done} updates)", flush=True)
         return ckpt
-    cmd = ["fairseq-train", data, "--user-dir", USER_DIR, *run.train_args, *OPTIM,
-           "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--save-dir", save,
-           "--save-interval-updates", "500", "--keep-interval-updates", "-1" if args.keep_checkpoints else "1",
-           "--log-interval", str(args.log_interval), "--log-file", os.path.join(save, "train.log"),
-           *(["--cpu"] if args.cpu else []), *args.train_extra]
+    cmd = train_command(run, args, data)
     if args.dry_run:
         print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         return ckpt
@@ -339,12 +460,11 @@ def generate_once(path, data, ckpt, subset, batch_size, gen_args, args=None):
             return path
     stat = os.stat(ckpt) if os.path.exists(ckpt) else None
     key = json.dumps({"cmd": cmd, "checkpoint": [stat.st_size, stat.st_mtime_ns] if stat else None})
-    if os.path.exists(path) and os.path.exists(path + ".key") and open(path + ".key").read() == key:
+    if os.path.exists(path) and read_key(path + ".key") == key:
         return path
     sh(cmd, log=path + ".tmp")
     os.replace(path + ".tmp", path)
-    with open(path + ".key", "w") as f:
-        f.write(key)
+    write_key(path + ".key", key)
     return path
 
 
@@ -396,10 +516,13 @@ def execute(runs, args, table):
         if d and not os.path.isdir(d):
             sys.exit(f"experiments.py: no such directory: {d}")
     results_path = os.path.join(args.work, "results.jsonl")
-    for run in runs:
+    for run in runs:  # every run directory checked before anything is trained
         data = args.distill if run.distilled else args.data
         if data is None:
             sys.exit(f"experiments.py: {run.name} needs --distill (a directory from scripts/distill.sh)")
+        check_trained_with(run, args, data)
+    for run in runs:
+        data = args.distill if run.distilled else args.data
         src, tgt = langs(data)
         ckpt = train(run, args, data)
         secs = train_seconds(os.path.join(args.work, run.name))
@@ -634,6 +757,9 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3], help="robustness: the seeds of the runs")
     p.add_argument("--seed", type=int, default=1, help="levers: the seed of the runs")
     p.add_argument("--no-decode", action="store_true", help="train only")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a run whose directory holds a model trained with other options (its train_command.json) "
+                        "is deleted and trained anew; without it experiments.py exits naming the options")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every 500-update checkpoint (for `curve`), not only the latest")
     p.add_argument("--reseed", action="store_true",

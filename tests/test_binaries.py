@@ -101,8 +101,10 @@ def test_a_checkpoint_is_checked_against_the_data_and_options_it_was_trained_wit
             path = os.path.join(other, name)
             text = open(path, encoding="utf-8").read().replace("w", "v")  # same size, other symbols
             open(path, "w", encoding="utf-8").write(text)
-    with pytest.raises(ValueError, match="trained with another source dictionary .*pass the binarized data"):
+    with pytest.raises(ValueError, match="trained with another source language or dictionary .*pass the binarized"):
         generate(other, ckpt)
+    with pytest.raises(ValueError, match="another source language or dictionary"):  # the other direction
+        generate(data_bin, ckpt, ["-s", "tgt", "-t", "src"])
 
     state = torch.load(ckpt, weights_only=False)
     assert state["model"]["signature"].dtype == torch.int64 and state["model"]["signature"].shape == (3,)
@@ -122,3 +124,17 @@ def test_a_checkpoint_is_checked_against_the_data_and_options_it_was_trained_wit
                 "args": {"bottleneck": "vq"}}, image)
     with pytest.raises(RuntimeError, match=f"cannot load {image}: an image_ae checkpoint"):
         generate(data_bin, image)
+
+
+def test_decoding_options_that_would_give_silently_wrong_output_are_errors(data_bin, tmp_path):
+    save = str(tmp_path / "ckpt")
+    train(data_bin, save, ["--bottleneck", "em", "--num-samples", "3", "--mask-startup-steps", "2"])
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    for bad in (["--max-len-a", "nan"], ["--max-len-a", "-5"], ["--max-len-b", "0"]):
+        with pytest.raises(ValueError, match="--max-len-a must be a finite number >= 0"):
+            generate(data_bin, ckpt, bad)
+    with pytest.raises(ValueError, match="--latent-end-penalty has no effect with --oracle-latents"):
+        generate(data_bin, ckpt, ["--oracle-latents", "--latent-end-penalty", "1"])
+    # validation BLEU from the oracle would be reported as bleu and choose the checkpoints
+    with pytest.raises(ValueError, match="--oracle-latents with --eval-bleu would report the oracle"):
+        train(data_bin, str(tmp_path / "eb"), ["--eval-bleu", "--oracle-latents"])

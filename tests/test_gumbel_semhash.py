@@ -260,3 +260,23 @@ def test_non_finite_inputs_are_named_and_left_out_of_the_code_statistics(make, c
     torch.testing.assert_close(out.quantized[:4], clean.quantized)
     torch.testing.assert_close(out.perplexity, clean.perplexity)
     torch.testing.assert_close(out.codes_used, clean.codes_used)
+
+
+@pytest.mark.parametrize("make", [lambda: SemanticHashingQuantizer(num_bits=3, dim=4),
+                                  lambda: GumbelSoftmaxQuantizer(num_codes=8, dim=4)])
+def test_non_finite_padding_changes_nothing(make, caplog):
+    """Whatever the padded positions hold, the loss and the statistics are those of the real ones, silently."""
+    torch.manual_seed(0)
+    q = make().train()
+    z, pad = torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, 4] = True
+    torch.manual_seed(1)
+    clean = q(z, padding_mask=pad)
+    z[0, 4] = float("nan")
+    torch.manual_seed(1)
+    with caplog.at_level(logging.WARNING):
+        out = q(z, padding_mask=pad)
+    assert "non-finite" not in caplog.text
+    torch.testing.assert_close(out.loss, clean.loss)
+    torch.testing.assert_close(out.perplexity, clean.perplexity)
+    torch.testing.assert_close(out.quantized[~pad], clean.quantized[~pad])

@@ -607,6 +607,18 @@ def test_options_without_effect_are_warned_about(split_folder, tmp_path, caplog)
     assert "--codebook-epsilon" not in caplog.text  # left at its default: nothing to say
 
 
+def test_soft_em_temperature_under_hard_assignment_is_warned_about(split_folder, tmp_path, caplog):
+    """--bottleneck vq assigns the nearest code: the E-step temperature changes no training step (as the LT warns)."""
+    _run(split_folder, tmp_path / "vq", "--max-steps", "1", "--no-plots", "--bottleneck", "vq",
+         "--soft-em-temperature", "5")
+    assert "--soft-em-temperature 5.0 has no effect: --bottleneck vq takes the nearest code" in caplog.text
+    caplog.clear()
+    _run(split_folder, tmp_path / "em", "--max-steps", "1", "--no-plots", "--bottleneck", "em", "--num-samples", "2",
+         "--temperature", "5")
+    _run(split_folder, tmp_path / "vq-default", "--max-steps", "1", "--no-plots", "--bottleneck", "vq")
+    assert "--soft-em-temperature" not in caplog.text  # soft EM samples at T; vq with T left at its default: silent
+
+
 def test_model_checks_its_images_and_takes_an_empty_batch():
     model = ImageAutoencoder(build_config("vqvae", 3, 16, {"bottleneck": "em", "num_codes": 8, "code_dim": 4,
                                                            "hidden_dim": 8, "res_hidden_dim": 4, "num_samples": 3}))

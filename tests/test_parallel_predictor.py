@@ -226,6 +226,12 @@ def test_length_beam_of_one_is_plain_decoding_and_wider_beams_pick_the_best_mean
         chosen = [c for c in cands if c[0] == len(hyp[0]["latents"])]
         assert chosen and torch.equal(chosen[0][1][3][0, : len(hyp[0]["latents"])], hyp[0]["latents"])
         assert _mean_score(chosen[0][1], d) == pytest.approx(max(_mean_score(c[1], d) for c in cands), abs=1e-5)
+    # a beam wider than the number of lengths there are decodes each length once: the same as the widest beam
+    most = model.decoder.latent_limit(int((1.2 * sample["net_input"]["src_lengths"].float() + 10).long().max()))
+    widest = LatentGenerator(d, max_len_a=1.2, max_len_b=10, length_beam=most).generate([model], sample)
+    huge = LatentGenerator(d, max_len_a=1.2, max_len_b=10, length_beam=100000).generate([model], sample)
+    for a, b in zip(widest, huge):
+        assert torch.equal(a[0]["tokens"], b[0]["tokens"])
     with pytest.raises(ValueError, match="latent-length-beam needs a model with a length classifier"):
         task2, ar, _ = _model(tmp_path / "ar", ["--bottleneck", "em"])
         LatentGenerator(d, length_beam=2).generate([ar.eval()], sample)

@@ -532,3 +532,87 @@ def test_experiments_refuses_a_distillation_of_other_data(tmp_path):
                         str(data), "--distill", str(distill), "--raw", "r", "--dry-run"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True)
     assert p.returncode != 0 and "not a distillation of this data" in p.stderr, p.stderr
+
+
+def _fake_experiments(tmp_path, monkeypatch):
+    """experiments.py with fairseq-train and diagnose.py replaced: a 'training' saves a checkpoint at --max-update."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import experiments
+
+    trained = []
+
+    def fake_sh(cmd, log=None):
+        save, updates = cmd[cmd.index("--save-dir") + 1], int(cmd[cmd.index("--max-update") + 1])
+        trained.append(cmd)
+        torch.save({"optimizer_history": [{"num_updates": updates}]}, os.path.join(save, "checkpoint_last.pt"))
+
+    monkeypatch.setattr(experiments, "sh", fake_sh)
+    monkeypatch.setitem(sys.modules, "diagnose", types.SimpleNamespace(main=lambda argv: {"bleu": 1.0}))
+    data, raw = tmp_path / "bin", tmp_path / "raw"
+    data.mkdir()
+    raw.mkdir()
+    (data / "train.en-de.en.idx").write_bytes(b"")
+    common = ["levers", "--data", str(data), "--raw", str(raw), "--work", str(tmp_path / "w"), "--subset", "valid",
+              "--cpu"]
+    return experiments, trained, common
+
+
+def test_experiments_refuses_a_finished_run_trained_with_other_options(tmp_path, monkeypatch, capsys):
+    """The run name holds only the lever, --distill and the seed: a run directory trained with other options is
+    named with them (not reused, no results row for the old model); --max-update and the logging options may
+    change on resume; --overwrite trains it anew; a run trained before the record existed is accepted."""
+    import json
+
+    experiments, trained, common = _fake_experiments(tmp_path, monkeypatch)
+    run = tmp_path / "w" / "lever-base-raw-s1"
+    results = tmp_path / "w" / "results.jsonl"
+    experiments.main(common + ["--only", "base", "--max-update", "2", "--max-tokens", "500"])
+    assert len(trained) == 1 and (run / "train_command.json").exists()
+    # resumed with a larger budget and other logging: trained on
+    experiments.main(common + ["--only", "base", "--max-update", "4", "--max-tokens", "500", "--log-interval", "7"])
+    assert len(trained) == 2 and len(results.read_text().splitlines()) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        experiments.main(common + ["--only", "base", "--max-update", "4", "--max-tokens", "200", "--",
+                                   "--dropout", "0.5", "--num-codes", "32"])
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"experiments.py: run lever-base-raw-s1 in {tmp_path / 'w'} was trained with other "
+                              "options: "), message
+    for change in ("--num-codes 512 -> 32", "--dropout 0.1 -> 0.5", "--max-tokens 500 -> 200",
+                   "pass another --work for these options, or --overwrite to delete"):
+        assert change in message, message
+    assert "--max-update" not in message and "--log-interval" not in message
+    assert len(trained) == 2 and len(results.read_text().splitlines()) == 2  # nothing trained, no row added
+    assert "trained (4 updates)" not in capsys.readouterr().out
+    # --overwrite: the old run is deleted and trained with the new options
+    experiments.main(common + ["--only", "base", "--max-update", "4", "--max-tokens", "200", "--overwrite", "--",
+                               "--dropout", "0.5", "--num-codes", "32"])
+    assert len(trained) == 3 and "--dropout" in trained[-1][-4:]
+    assert "deleting" in capsys.readouterr().out
+    assert "0.5" in json.loads((run / "train_command.json").read_text())["cmd"]
+
+    # a run trained before the record existed (checkpoints, no train_command.json): accepted and recorded
+    (run / "train_command.json").unlink()
+    experiments.main(common + ["--only", "base", "--max-update", "6", "--max-tokens", "300"])
+    assert len(trained) == 4
+    assert "INFO: lever-base-raw-s1 has checkpoints but no record" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--max-tokens 300 -> 500"):
+        experiments.main(common + ["--only", "base", "--max-update", "6", "--max-tokens", "500"])
+
+
+def test_experiments_checks_parallel_only_levers_before_training(tmp_path, monkeypatch):
+    """pl05 (--predicted-latent-ratio) and g0/g03 (glancing) need par: refused before any combination is trained."""
+    experiments, trained, common = _fake_experiments(tmp_path, monkeypatch)
+    for combo, lever in (("pl05", "pl05 (--predicted-latent-ratio 0.5"), ("K64+g0", "g0 (--latent-glancing-ratio 0")):
+        with pytest.raises(SystemExit) as e:
+            experiments.main(common + ["--only", "base", combo, "--max-update", "1"])
+        assert lever in e.value.code and f"combine them with par (e.g. par+{combo.split('+')[-1]}), not {combo!r}" \
+            in e.value.code, e.value.code
+    assert trained == [] and not os.path.exists(tmp_path / "w" / "lever-base-raw-s1")
+    experiments.main(common + ["--only", "par+pl05", "--max-update", "1"])
+    assert "--predicted-latent-ratio" in trained[-1]

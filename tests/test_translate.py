@@ -100,6 +100,22 @@ def test_hub_errors_name_the_missing_piece(trained, tmp_path):
         from_pretrained(str(tmp_path / "ckpt"), "broken.pt", data=str(out / "bin"))
     with pytest.raises(FileNotFoundError, match="BPE codes"):
         from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), bpe_codes=str(tmp_path / "codes"))
+    # options fairseq would drop without a word
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['latent_beem'\]"):
+        from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), latent_beem=3)
+    with pytest.raises(ValueError, match="unknown tokenizer 'nosuch'"):
+        from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), tokenizer="nosuch")
+    with pytest.raises(TypeError, match=r"\['latent_end_penalty'\] are the model's decoding options: pass them to "
+                                        r"from_pretrained"):
+        lt.translate("A dog runs.", latent_end_penalty=-50)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['no_such_option'\]"):
+        lt.translate("A dog runs.", no_such_option=3)
+    # a truncated checkpoint (torch raises OSError for some cuts) is named
+    data = open(os.path.join(save, "checkpoint_last.pt"), "rb").read()
+    for cut in (5000, 20000):
+        (tmp_path / "ckpt" / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cut.pt: not a readable fairseq checkpoint"):
+            from_pretrained(str(tmp_path / "ckpt"), "cut.pt", data=str(out / "bin"))
 
 
 def test_the_readme_translate_commands_run_as_written_on_the_quickstart_layout(trained, tmp_path):

@@ -51,7 +51,9 @@ def _named_load(load):
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         try:
             return load(path, *args, **kwargs)
-        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        except FileNotFoundError:
+            raise
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:  # OSError: some truncations
             keys = _pickled_strings(str(path))
             first = ("it holds Python objects that fairseq does not save" if isinstance(e, pickle.UnpicklingError)
                      else (str(e).strip().splitlines() or [type(e).__name__])[0][:200])

@@ -43,6 +43,11 @@ def from_pretrained(model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
             raise FileNotFoundError(f"from_pretrained: no BPE codes file {bpe_codes}")
         overrides.update(bpe="subword_nmt", bpe_codes=os.path.abspath(bpe_codes))
     if tokenizer is not None:
+        from fairseq.data.encoders import TOKENIZER_REGISTRY
+
+        if tokenizer not in TOKENIZER_REGISTRY:
+            raise ValueError(f"from_pretrained: unknown tokenizer {tokenizer!r}; choose from "
+                             f"{sorted(TOKENIZER_REGISTRY)} or None (input already tokenized)")
         overrides["tokenizer"] = tokenizer
     try:
         loaded = hub_utils.from_pretrained(model_dir, checkpoint_file, os.path.abspath(data), **overrides)
@@ -51,6 +56,12 @@ def from_pretrained(model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
     if loaded["task"].__class__.__name__ != "LatentTranslationTask":
         raise ValueError(f"from_pretrained: {path} is a {loaded['args'].task._name} checkpoint, not a "
                          f"latent_translation one (load an AR model with fairseq's TransformerModel.from_pretrained)")
+    cfg = loaded["args"]
+    unknown = [k for k in overrides
+               if k not in cfg and not any(hasattr(cfg[section], "keys") and k in cfg[section] for section in cfg)]
+    if unknown:  # fairseq would drop them without a word
+        raise TypeError(f"from_pretrained: unknown option(s) {unknown}: keyword arguments are fairseq options "
+                        f"with '_' for '-' (e.g. latent_length_beam=3); see docs/options.md")
     return hub_interface_class()(loaded["args"], loaded["task"], loaded["models"])
 
 
@@ -68,6 +79,13 @@ def hub_interface_class():
                                                    and all(isinstance(s, str) for s in sentences))):
                 hint = " (decode bytes first, e.g. text.decode('utf-8'))" if isinstance(sentences, bytes) else ""
                 raise TypeError(f"translate() takes a str or a list of str, got {type(sentences).__name__}{hint}")
+            fixed = [k for k in kwargs if k in self.task.cfg]
+            if fixed:  # the latent generator reads them from the task, built once
+                raise TypeError(f"translate(): {fixed} are the model's decoding options: pass them to "
+                                f"from_pretrained(..., {fixed[0]}=...)")
+            unknown = [k for k in kwargs if k not in self.cfg.generation]
+            if unknown:
+                raise TypeError(f"translate(): unknown option(s) {unknown} (fairseq generation options only)")
             return super().translate(list(sentences) if isinstance(sentences, tuple) else sentences, beam,
                                      verbose, **kwargs)
 

@@ -36,6 +36,7 @@ of the reference (``LatentDecoder.reference_codes``) instead of the predicted on
 a perfect latent predictor would reach (the y-axis of the paper's Figure 3).
 """
 import logging
+import math
 from typing import Dict, List
 
 import torch
@@ -71,6 +72,14 @@ class LatentGenerator:
         if latent_end_penalty != latent_end_penalty or abs(latent_end_penalty) == float("inf"):
             raise ValueError(f"--latent-end-penalty must be a finite number, got {latent_end_penalty}")
         self.latent_end_penalty = float(latent_end_penalty)
+        if oracle_latents and self.latent_end_penalty != 0.0:
+            raise ValueError("--latent-end-penalty has no effect with --oracle-latents (the reference's own latents "
+                             "are decoded, END is not chosen)")
+        if not (math.isfinite(max_len_a) and max_len_a >= 0 and math.isfinite(max_len_b)) \
+                or (max_len_a == 0 and max_len_b < 1):
+            raise ValueError(f"--max-len-a must be a finite number >= 0 and --max-len-b a finite number (>= 1 when "
+                             f"--max-len-a is 0): every hypothesis is cut to max(1, a * source length + b) tokens; "
+                             f"got a={max_len_a}, b={max_len_b}")
         self.teacher = npd_teacher
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
@@ -143,9 +152,9 @@ class LatentGenerator:
                 limits, budget = limits[order], budget[order]
             given = dict(codes=codes, latent_pad=latent_pad)
         if self.length_beam > 1:  # B * l rows: the l most probable latent lengths of each sentence
-            b, k = src_tokens.size(0), self.length_beam
-            top, top_lp = dec.latent_predictor.top_lengths(encoder_out, dec.latent_limit(int(limits.max())),
-                                                           budget, beam=k)
+            most = dec.latent_limit(int(limits.max()))  # no more lengths to choose from than latents allowed
+            b, k = src_tokens.size(0), min(self.length_beam, most)
+            top, top_lp = dec.latent_predictor.top_lengths(encoder_out, most, budget, beam=k)
             lengths, length_ok = top.view(-1), torch.isfinite(top_lp.view(-1))
             order = torch.arange(b, device=top.device).repeat_interleave(k)
             encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)

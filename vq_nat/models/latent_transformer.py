@@ -164,7 +164,11 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                 "--latent-loss-start, default --mask-startup-steps): the latent predictor is never trained and "
                 "decoding will be poor; lower --mask-startup-steps / --latent-loss-start or train longer",
                 max_update, decoder.latent_loss_start)
-        return cls(args, encoder, decoder)
+        model = cls(args, encoder, decoder)
+        langs = (getattr(task, "source_lang", None) or getattr(getattr(task, "cfg", None), "source_lang", None),
+                 getattr(task, "target_lang", None) or getattr(getattr(task, "cfg", None), "target_lang", None))
+        model.signature.copy_(torch.tensor(signature(args, src_dict, tgt_dict, langs)))
+        return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens=None, target=None, ae_input=None, **kwargs):
         """Training forward: the loss terms and statistics of ``LatentDecoder.forward`` (what the ``latent_vq``
@@ -188,7 +192,8 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         except RuntimeError as e:
             raise RuntimeError(
                 "checkpoint does not match this latent_transformer configuration (a checkpoint of another "
-                f"architecture or other sizes?): {str(e)[:2000]}"
+                "architecture, other sizes, or options that add or remove state such as --soft-em-anneal-updates: "
+                f"pass the options it was trained with): {str(e)[:2000]}"
             ) from e
 
 
@@ -196,13 +201,14 @@ SIGNED_OPTIONS = ("bottleneck", "codebook_update", "num_codes", "num_blocks", "n
                   "latent_predictor")
 
 
-def signature(args, src_dict, tgt_dict):
-    """[crc32 of the source symbols, of the target symbols, of the latent options in ``SIGNED_OPTIONS``]."""
-    def crc(text):
-        return zlib.crc32(text.encode("utf-8"))
+def signature(args, src_dict, tgt_dict, langs=(None, None)):
+    """[crc32 of the source language and symbols, of the target language and symbols, of the latent options in
+    ``SIGNED_OPTIONS``] (a joined dictionary has the same symbols on both sides: the languages tell the direction)."""
+    def crc(*parts):
+        return zlib.crc32("\n".join(map(str, parts)).encode("utf-8"))
 
     options = " ".join(f"{k}={getattr(args, k, None)}" for k in SIGNED_OPTIONS)
-    return [crc("\n".join(src_dict.symbols)), crc("\n".join(tgt_dict.symbols)), crc(options)]
+    return [crc(langs[0], *src_dict.symbols), crc(langs[1], *tgt_dict.symbols), crc(options)]
 
 
 def check_signature(state_dict, own: Tensor, args):
@@ -215,8 +221,9 @@ def check_signature(state_dict, own: Tensor, args):
     theirs = theirs.to(own.device)
     for i, side in enumerate(("source", "target")):
         if theirs[i] != own[i]:
-            raise ValueError(f"this latent_transformer checkpoint was trained with another {side} dictionary (the "
-                             "same size, other symbols): pass the binarized data directory it was trained on")
+            raise ValueError(f"this latent_transformer checkpoint was trained with another {side} language or "
+                             f"dictionary (the same size, other symbols or the other direction): pass the binarized "
+                             f"data directory and the -s / -t it was trained with")
     if theirs[2] != own[2]:
         logger.warning("this latent_transformer checkpoint was trained with other latent options than %s: its "
                        "weights now run under these settings (resuming? pass the options it was trained with)",

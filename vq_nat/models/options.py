@@ -74,6 +74,9 @@ def check_args(args) -> None:
         raise ValueError(f"--bottleneck semhash needs --num-codes a power of 2 (at most 2^30), got {args.num_codes}")
     if args.soft_em_anneal_updates > 0 and kind != "em":
         raise ValueError(f"--soft-em-anneal-updates applies to --bottleneck em only, not {kind}")
+    if args.soft_em_anneal_updates > 0 and args.soft_em_temperature == 1.0:
+        logger.warning("--soft-em-anneal-updates %d has no effect: it anneals --soft-em-temperature towards 1, "
+                       "and that is 1 already", args.soft_em_anneal_updates)
 
     preset = _preset(args.arch)
 

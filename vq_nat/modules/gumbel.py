@@ -31,10 +31,15 @@ def checked_input(module: nn.Module, z_e: torch.Tensor, padding_mask: Optional[t
     rows = z_e.reshape(lead.numel(), module.dim)
     weight = torch.ones(lead.numel(), device=z_e.device) if mask is None else (~mask.reshape(-1)).float()
     finite = torch.isfinite(rows).all(-1)
-    if not bool(finite.all()):  # NaN/inf stay NaN in z_q and the loss (for fairseq to see); their codes mean nothing
-        logger.warning("%s: %d non-finite encoder outputs: their codes are meaningless and left out of the code "
-                       "statistics", owner, int((~finite & weight.bool()).sum()))
-        weight = weight * finite.float()
+    if not bool(finite.all()):
+        padded = ~finite & ~weight.bool()
+        if bool(padded.any()):  # whatever padding holds never reaches a loss or a statistic
+            rows = rows.masked_fill(padded.unsqueeze(-1), 0.0)
+        bad = int((~finite & weight.bool()).sum())
+        if bad:  # real NaN/inf stay NaN in z_q and the loss (for fairseq to see); their codes mean nothing
+            logger.warning("%s: %d non-finite encoder outputs: their codes are meaningless and left out of the "
+                           "code statistics", owner, bad)
+            weight = weight * finite.float()
     return rows, weight
 
 

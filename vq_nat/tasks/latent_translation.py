@@ -73,6 +73,9 @@ def check_task_options(cfg) -> None:
         raise ValueError(f"--word-shuffle-distance must be an integer >= 0, got {cfg.word_shuffle_distance}")
     if cfg.word_shuffle > 0 and cfg.word_shuffle_distance == 0:
         logger.warning("--word-shuffle %s has no effect: --word-shuffle-distance 0 moves no token", cfg.word_shuffle)
+    if cfg.eval_bleu and cfg.oracle_latents:
+        raise ValueError("--oracle-latents with --eval-bleu would report the oracle's BLEU as bleu (and choose "
+                         "checkpoints by it); validation already logs it as bleu_oracle: drop --oracle-latents")
 
 
 @register_task("latent_translation", dataclass=LatentTranslationConfig)
@@ -153,7 +156,11 @@ class LatentTranslationTask(TranslationTask):
                              f"entries, this task's {len(self.target_dictionary)}; it must be trained on the same "
                              "binarized data (scripts/train-teacher.sh)")
         trained = trained_dictionary(state, get(get(state.get("cfg"), "task"), "target_lang") or self.cfg.target_lang)
-        if trained is not None and Dictionary.load(trained).symbols != self.target_dictionary.symbols:
+        if trained is None:
+            logger.warning("--npd-teacher %s: its training data directory is not found from here, so its vocabulary "
+                           "cannot be compared with this task's (same size: %d entries); make sure it was trained "
+                           "on the same binarized data", path, len(self.target_dictionary))
+        elif Dictionary.load(trained).symbols != self.target_dictionary.symbols:
             raise ValueError(f"--npd-teacher {path} was trained with another target vocabulary (the same size, other "
                              f"symbols); it must be trained on the same binarized data (scripts/train-teacher.sh)")
         if models:
