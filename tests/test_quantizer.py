@@ -493,3 +493,20 @@ def test_the_quantizer_anneals_its_own_temperature_and_saves_it():
     assert constant.temperature == 16.0 and "current_temperature" not in constant.state_dict()
     with pytest.raises(ValueError, match="anneal_updates must be"):
         VectorQuantizer(8, 4, assignment="soft", anneal_updates=-1)
+
+
+def test_huge_finite_inputs_are_treated_as_non_finite(caplog):
+    """|z_e| ~ 1e30 overflows the squared distances in fp32 (soft EM would sample from NaN probabilities): such
+    rows are left out of the EM step like NaN rows, with the warning, and the codebook stays finite."""
+    import logging
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, assignment="soft", num_samples=3).train()
+    z = torch.randn(10, 4)
+    z[2] *= 1e30
+    with caplog.at_level(logging.WARNING):
+        out = vq(z)
+    assert "1 non-finite encoder outputs excluded" in caplog.text
+    assert not torch.isfinite(out.loss)  # fairseq sees the diverged step
+    for v in vq.state_dict().values():
+        assert torch.isfinite(v.float()).all()

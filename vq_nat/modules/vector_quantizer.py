@@ -176,9 +176,11 @@ class VectorQuantizer(nn.Module):
         # batch has none: its loss is 0)
         real = valid if n > 0 else torch.zeros(0, dtype=torch.bool, device=z_e.device)
         with torch.no_grad():
-            if not bool(torch.isfinite(x.sum())):
-                # never let NaN/inf reach the codebook: such positions are treated as padding by the EM step
-                finite = torch.isfinite(x).flatten(1).all(-1)
+            # squared norms in fp32: NaN/inf, and values so large that the distances overflow (|z_e| ~ 1e20)
+            norms = x.detach().float().square().sum((1, 2))
+            if not bool(torch.isfinite(norms.sum())):
+                # never let them reach the codebook: such positions are treated as padding by the EM step
+                finite = torch.isfinite(norms)
                 valid = finite if valid is None else valid & finite
                 logger.warning("VectorQuantizer: %d non-finite encoder outputs excluded from the codebook update",
                                int((~finite).sum()))
