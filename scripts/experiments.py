@@ -188,6 +188,7 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     "K64": ["--num-codes", "64"],
     "K32": ["--num-codes", "32"],
     "pl05": ["--predicted-latent-ratio", "0.5"],
+    "e6d1": ["--encoder-layers", "6", "--decoder-layers", "1"],
 }
 # levers valid only with ``par`` (``--latent-predictor parallel``): checked before anything is trained, as fairseq
 # would refuse them only when the run starts

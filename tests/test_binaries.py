@@ -108,6 +108,19 @@ def test_a_checkpoint_is_checked_against_the_data_and_options_it_was_trained_wit
 
     state = torch.load(ckpt, weights_only=False)
     assert state["model"]["signature"].dtype == torch.int64 and state["model"]["signature"].shape == (3,)
+    # signed without the languages (the first signed checkpoints): still loads, same hypotheses
+    from vq_nat.models.latent_transformer import signature
+
+    from fairseq.data import Dictionary
+
+    src, tgt = (Dictionary.load(os.path.join(data_bin, f"dict.{lang}.txt")) for lang in ("src", "tgt"))
+    unsided = state["model"]["signature"].clone()
+    unsided[:2] = torch.tensor(signature(state["cfg"]["model"], src, tgt)[:2])
+    assert not torch.equal(unsided, state["model"]["signature"])
+    state["model"]["signature"] = unsided
+    unsigned = str(tmp_path / "unsided.pt")
+    torch.save(state, unsigned)
+    assert hypotheses(generate(data_bin, unsigned, ["--max-len-b", "40"])) == before
     del state["model"]["signature"]  # as saved before the signature existed
     old = str(tmp_path / "old.pt")
     torch.save(state, old)
@@ -133,6 +146,8 @@ def test_decoding_options_that_would_give_silently_wrong_output_are_errors(data_
     for bad in (["--max-len-a", "nan"], ["--max-len-a", "-5"], ["--max-len-b", "0"]):
         with pytest.raises(ValueError, match="--max-len-a must be a finite number >= 0"):
             generate(data_bin, ckpt, bad)
+    with pytest.raises(ValueError, match="--sampling: the latent generator does not sample tokens"):
+        generate(data_bin, ckpt, ["--sampling", "--sampling-topk", "5", "--beam", "1"])
     with pytest.raises(ValueError, match="--latent-end-penalty has no effect with --oracle-latents"):
         generate(data_bin, ckpt, ["--oracle-latents", "--latent-end-penalty", "1"])
     # validation BLEU from the oracle would be reported as bleu and choose the checkpoints

@@ -62,6 +62,7 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         self.args = args
         # what a checkpoint of this model was trained with, checked when one is loaded (``load_state_dict``)
         self.register_buffer("signature", torch.tensor(signature(args, encoder.dictionary, decoder.dictionary)))
+        self.unsided_signature = self.signature.clone()  # the format without the languages, also accepted
 
     @staticmethod
     def add_args(parser):
@@ -186,7 +187,8 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         return self.encoder(src_tokens, src_lengths=src_lengths)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        state_dict = check_signature(state_dict, self.signature, self.args)
+        state_dict = check_signature(state_dict, self.signature, self.args,
+                                     getattr(self, "unsided_signature", None))
         try:
             return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
         except RuntimeError as e:
@@ -201,17 +203,20 @@ SIGNED_OPTIONS = ("bottleneck", "codebook_update", "num_codes", "num_blocks", "n
                   "latent_predictor")
 
 
-def signature(args, src_dict, tgt_dict, langs=(None, None)):
+def signature(args, src_dict, tgt_dict, langs=None):
     """[crc32 of the source language and symbols, of the target language and symbols, of the latent options in
-    ``SIGNED_OPTIONS``] (a joined dictionary has the same symbols on both sides: the languages tell the direction)."""
+    ``SIGNED_OPTIONS``] (a joined dictionary has the same symbols on both sides: the languages tell the direction;
+    ``langs`` None: the symbols only, the format of the first signed checkpoints)."""
     def crc(*parts):
         return zlib.crc32("\n".join(map(str, parts)).encode("utf-8"))
 
     options = " ".join(f"{k}={getattr(args, k, None)}" for k in SIGNED_OPTIONS)
+    if langs is None:
+        return [crc(*src_dict.symbols), crc(*tgt_dict.symbols), crc(options)]
     return [crc(langs[0], *src_dict.symbols), crc(langs[1], *tgt_dict.symbols), crc(options)]
 
 
-def check_signature(state_dict, own: Tensor, args):
+def check_signature(state_dict, own: Tensor, args, unsided: Optional[Tensor] = None):
     """A checkpoint trained on other dictionaries (of the same size: the weights would load) is an error; one
     trained with other latent options (``SIGNED_OPTIONS``, e.g. resuming with another ``--bottleneck``) a warning.
     Checkpoints from before the signature get this model's own."""
@@ -219,6 +224,8 @@ def check_signature(state_dict, own: Tensor, args):
     if theirs is None:
         return {**state_dict, "signature": own.clone()}
     theirs = theirs.to(own.device)
+    if unsided is not None and torch.equal(theirs[:2], unsided[:2].to(own.device)):
+        theirs = torch.cat([own[:2], theirs[2:]])  # a checkpoint signed without the languages: its symbols match
     for i, side in enumerate(("source", "target")):
         if theirs[i] != own[i]:
             raise ValueError(f"this latent_transformer checkpoint was trained with another {side} language or "

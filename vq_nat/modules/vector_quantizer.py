@@ -182,8 +182,8 @@ class VectorQuantizer(nn.Module):
                 # never let them reach the codebook: such positions are treated as padding by the EM step
                 finite = torch.isfinite(norms)
                 valid = finite if valid is None else valid & finite
-                logger.warning("VectorQuantizer: %d non-finite encoder outputs excluded from the codebook update",
-                               int((~finite).sum()))
+                logger.warning("VectorQuantizer: %d non-finite encoder outputs (NaN, inf or so large that the fp32 "
+                               "distances overflow) excluded from the EM statistics", int((~finite).sum()))
         weight = torch.ones(n, device=z_e.device) if valid is None else valid.float()  # (N,)
 
         # distances, codes and statistics in fp32, also under fp16/bf16 autocast

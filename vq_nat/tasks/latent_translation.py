@@ -106,6 +106,9 @@ class LatentTranslationTask(TranslationTask):
                 arch = getattr(getattr(model, "args", None), "arch", None) or type(model).__name__
                 raise ValueError(f"--task latent_translation needs a latent_transformer checkpoint; this one is "
                                  f"{arch} (decode it with its own task, e.g. --task translation)")
+        if getattr(args, "sampling", False):
+            raise ValueError("--sampling: the latent generator does not sample tokens (the decoder emits every token "
+                             "at once); --npd-candidates k decodes k sampled latent sequences instead")
         beam, nbest = getattr(args, "beam", 1) or 1, getattr(args, "nbest", 1) or 1
         # fairseq's own default is --beam 5: warn only about a beam the user chose (or any --nbest)
         if beam not in (1, 5) or nbest > 1:
