@@ -1,6 +1,7 @@
 """The Latent Transformer's training curriculum, functions of the update number (t2t ``transformer_nat``): the
 decoder-input masking warm-up or GLAT's glancing instead, and the gate of the latent-predictor loss (the
-bottleneck anneals its own soft-EM temperature). ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them at the current update."""
+bottleneck anneals its own soft-EM temperature). ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them
+at the current update."""
 from typing import Dict
 
 import torch
