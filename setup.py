@@ -44,7 +44,7 @@ if "--print-deps" in sys.argv:
 
 setup(
     name="vq-nat",
-    version="0.1.0",
+    version="0.2.0",
     description="Discrete-latent non-autoregressive translation (VQ-VAE, hard/soft EM) as a fairseq plugin",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -4,8 +4,8 @@
     python scripts/diagnose.py DATA_BIN --path LT.pt [--subset valid] [--ref RAW_REF] [--cpu] [--json OUT]
 
 On every sentence of ``--subset`` it measures:
-  bleu           sacreBLEU of ordinary decoding (greedy latents from the latent predictor, with
-                 ``--latent-end-penalty`` when given); len_ratio  its output / reference length (sacreBLEU's)
+  bleu           sacreBLEU of ordinary decoding (greedy latents from the latent predictor);
+                 len_ratio  its output / reference length (sacreBLEU's)
   bleu_oracle    sacreBLEU of teacher-forced decoding: the autoencoder's own codes of the reference
                  (``--oracle-latents``), i.e. what a perfect latent predictor would give (paper Figure 3's y-axis)
   lp_acc         latent-predictor accuracy on the reference codes, teacher-forced (every block right; a parallel
@@ -42,16 +42,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)
-    p.add_argument("--latent-end-penalty", type=float, default=0.0,
-                   help="ordinary decoding's END penalty (see fairseq-generate --latent-end-penalty)")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--label", default="", help="stored with the JSON line")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
     # checked before any work, in one line each (as dump_latents.py's --batch-size, bench_decode.py's --max-len-a)
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--max-len-a", args.max_len_a, 0),
-                             ("--max-len-b", args.max_len_b, 0), ("--latent-end-penalty", args.latent_end_penalty,
-                                                                   -math.inf)):
+                             ("--max-len-b", args.max_len_b, 0)):
         if not (math.isfinite(value) and value >= low):
             bound = f">= {low}" if isinstance(value, int) else "a finite number" + (
                 f" >= {low:g}" if low > -math.inf else "")
@@ -78,7 +75,7 @@ def main(argv=None):
 
     dec = model.decoder
     tgt_dict = task.target_dictionary
-    greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, latent_end_penalty=args.latent_end_penalty)
+    greedy = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b)
     oracle = LatentGenerator(tgt_dict, args.max_len_a, args.max_len_b, oracle_latents=True)
     soft = is_soft(dec.bottleneck)
 
@@ -109,7 +106,7 @@ def main(argv=None):
             predictor = dec.latent_predictor
             if predictor.parallel:  # one pass at the reference's length; "END" = the length classifier is right
                 pred = predictor(latents, pad, enc)[0].argmax(-1)  # (B, L, blocks)
-                end_right += int((predictor.predicted_lengths(enc, predictor.max_latents)[0] == lengths).sum())
+                end_right += int((predictor.top_lengths(enc, predictor.max_latents)[0][:, 0] == lengths).sum())
             else:  # teacher-forced: position j predicts code j from the codes before it, L_i predicts END
                 pred = predictor(latents, pad, enc).argmax(-1)  # (B, L + 1, blocks)
                 end_right += int((pred[torch.arange(len(ids)), lengths, 0] == predictor.end).sum())
@@ -153,7 +150,6 @@ def main(argv=None):
         "label": args.label, "path": args.path, "subset": args.subset, "sentences": n_sent,
         "bleu": round(greedy_score.score, 2), "bleu_oracle": round(score(hyps_oracle).score, 2),
         "len_ratio": round(greedy_score.sys_len / max(greedy_score.ref_len, 1), 4),
-        "latent_end_penalty": args.latent_end_penalty,
         "lp_acc": round(lp_right / max(n_lat, 1), 4), "lp_end_acc": round(end_right / max(n_sent, 1), 4),
         "len_err": round(len_err / max(n_sent, 1), 3), "len_abs_err": round(len_abs / max(n_sent, 1), 3),
         "len_short": round(short / max(n_sent, 1), 4), "latents_per_sentence": round(n_lat / max(n_sent, 1), 2),

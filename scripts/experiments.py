@@ -4,7 +4,7 @@
     python scripts/experiments.py table1 --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--max-update 1000]
     python scripts/experiments.py ablations --data BIN --distill DISTILL_BIN --raw RAW --work DIR [--only K1024 m1 ...]
     python scripts/experiments.py levers --data BIN [--distill DISTILL_BIN] --raw RAW --work DIR --subset valid \
-        --only base stop nc2 stop+glat ...           # one factor changed from LT em; diagnosed on valid
+        --only base nc2 lp2+nc2 ...                  # one factor changed from LT em; diagnosed on valid
     python scripts/experiments.py robustness --data BIN --raw RAW --work DIR [--seeds 1 2 3] [--max-update 300] \
         [--reseed] [--codes 16384 --nc 3 --ae-attend-source] [--temperature 30 [--anneal-updates 300]]
     python scripts/experiments.py curve --data BIN --distill DISTILL_BIN --raw RAW --work DIR --subset valid \
@@ -85,10 +85,8 @@ def lt_run(bottleneck="em", distilled=False, codes=512, samples=10, nc=1, seed=1
     args = [
         "--task", "latent_translation", "--arch", "latent_transformer_tiny", "--criterion", "latent_vq",
         "--bottleneck", bottleneck, "--num-codes", str(codes), "--num-samples", str(samples),
-        "--num-compress-steps", str(nc), "--mask-startup-steps", "400", "--codebook-decay", "0.99",
-        "--share-all-embeddings", "--seed", str(seed),
-        "--dead-code-threshold", "0.1" if reseed else "0",
-    ]
+        "--num-compress-steps", str(nc), "--share-all-embeddings", "--seed", str(seed),
+    ] + ([] if reseed else ["--dead-code-threshold", "0"])  # the rest: the preset's own defaults
     label = label or f"LT {bottleneck}{' (m=%d)' % samples if bottleneck == 'em' else ''}, nc={nc}, K={codes}" + (
         " + distillation" if distilled else "")
     return Run(name, "lt", distilled, args, {label: ["--task", "latent_translation"] + LENGTH})
@@ -160,14 +158,11 @@ def ablation_runs(only=None):
 LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=10, 1-layer latent predictor, t2t
     # masking over 400)
     "base": [],
-    "stop": ["--latent-input-gradient", "stop"],  # t2t: the latent loss does not train the autoencoder
-    "flow": ["--latent-input-gradient", "flow"],
     "nc1": ["--num-compress-steps", "1"],
     "nc2": ["--num-compress-steps", "2"],
     "nc3": ["--num-compress-steps", "3"],  # the paper's nc
     "K2048": ["--num-codes", "2048"],
     "blocks2": ["--num-blocks", "2"],
-    "glat": ["--glancing-ratio", "0.5"],  # GLAT's glancing instead of the masking schedule
     "ls": ["--label-smoothing", "0.1"],
     "T10": ["--soft-em-temperature", "10"],
     "vq": ["--bottleneck", "vq"],
@@ -176,30 +171,26 @@ LEVERS = {  # one factor changed from lt_run("em") (the preset: nc=1, K=512, m=1
     "lp2": ["--latent-layers", "2"],  # two latent-predictor layers: better, but slower
     "lp3": ["--latent-layers", "3"],  # as deep as the decoder: one pass of it costs little in a parallel predictor
     "lp4": ["--latent-layers", "4"],
-    "nosrc": ["--no-decoder-source-attention"],  # the decoder reads the latents only
     "T03": ["--soft-em-temperature", "0.3"],
     "T01": ["--soft-em-temperature", "0.1"],  # a sharper E-step: the m samples agree on fewer codes
     "T003": ["--soft-em-temperature", "0.03"],
-    "len": ["--latent-length-prediction"],  # the number of latents from a length classifier, not from END
     # the one-pass latent predictor: length classifier, then all codes at once, glancing on the latents (R=0.5)
     "par": ["--latent-predictor", "parallel"],
     "g0": ["--latent-glancing-ratio", "0"],  # with par: no glancing
     "g03": ["--latent-glancing-ratio", "0.3"],
     "K64": ["--num-codes", "64"],
     "K32": ["--num-codes", "32"],
-    "pl05": ["--predicted-latent-ratio", "0.5"],
     "e6d1": ["--encoder-layers", "6", "--decoder-layers", "1"],
 }
 # levers valid only with ``par`` (``--latent-predictor parallel``): checked before anything is trained, as fairseq
 # would refuse them only when the run starts
-PARALLEL_ONLY = {"g0": "the parallel predictor's glancing", "g03": "the parallel predictor's glancing",
-                 "pl05": "the parallel predictor's share of predicted latents at the decoder input"}
+PARALLEL_ONLY = {"g0": "the parallel predictor's glancing", "g03": "the parallel predictor's glancing"}
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "--eval-bleu-args",
              '{"max_len_a": 1.2, "max_len_b": 10}']
 
 
 def lever_run(combo, distilled=False, seed=1):
-    """``combo``: lever keys joined by '+', e.g. 'stop+nc2' (later flags override earlier ones)."""
+    """``combo``: lever keys joined by '+', e.g. 'lp2+nc2' (later flags override earlier ones)."""
     keys = combo.split("+")
     unknown = [k for k in keys if k not in LEVERS]
     if unknown:
@@ -266,7 +257,7 @@ def robustness_runs(args, reseed=False):
         if args.kmeans_init:
             r.train_args.append("--kmeans-init")
             r.name += "-kmeans"
-        if args.mask_startup_steps != 400:  # later flags override lt_run's 400
+        if args.mask_startup_steps != 400:  # the preset's 400 otherwise
             r.train_args += ["--mask-startup-steps", str(args.mask_startup_steps)]
             r.name += f"-ms{args.mask_startup_steps}"
         if reseed:  # never the Table-1 runs of the same settings (other budget, log interval)

@@ -33,7 +33,7 @@ CASES = [
     ("em", "grad", []),
     ("gumbel", "ema", []),
     ("semhash", "ema", []),
-    ("em", "ema", ["--latent-length-prediction"]),
+    ("em", "ema", ["--latent-predictor", "parallel"]),
 ]
 
 
@@ -46,7 +46,7 @@ def test_train_generate_interactive(data_bin, tmp_path, caplog, bottleneck, upda
     ckpt = os.path.join(save, "checkpoint_last.pt")
     assert os.path.exists(ckpt)
     log = caplog.text
-    keys = ("length_loss", "length_acc") if "--latent-length-prediction" in extra else ()
+    keys = ("length_loss", "length_acc") if "parallel" in extra else ()
     for key in ("recon_loss", "vq_loss", "lp_loss", "code_ppl", "codes_used", "nll_loss") + keys:
         assert f"{key}=" in log or f"{key} " in log, key
 

@@ -162,7 +162,7 @@ def test_fairseq_generate_oracle_latents_and_the_diagnosis_script(tmp_path):
     assert report["sentences"] == 16
     assert 0.0 <= report["lp_acc"] <= 1.0 and report["len_abs_err"] >= abs(report["len_err"])
     assert 0.0 <= report["ze_spread"] <= 1.0
-    assert report["len_ratio"] > 0.0 and report["latent_end_penalty"] == 0.0
+    assert report["len_ratio"] > 0.0
 
 
 def _predictor_setup(tmp_path):
@@ -210,41 +210,6 @@ def test_latent_beam_of_one_is_greedy_and_beam_scores_are_the_sequences_log_prob
     assert len(hypos) == 5 and all(h[0]["tokens"][-1] == task.target_dictionary.eos() for h in hypos)
     with pytest.raises(ValueError, match="latent-beam"):
         LatentGenerator(task.target_dictionary, npd_candidates=2, npd_teacher=object(), latent_beam=2)
-
-
-def test_latent_end_penalty_lengthens_greedy_latents_monotonically_and_keeps_true_scores(tmp_path):
-    task, model, sample, lp, emb, enc = _predictor_setup(tmp_path)
-    with torch.no_grad():
-        base = lp.generate(enc, emb, 6, 5)
-        same = lp.generate(enc, emb, 6, 5, end_penalty=0.0)
-        assert all(torch.equal(a, b) for a, b in zip(base, same))
-        lengths = [(~lp.generate(enc, emb, 6, 5, end_penalty=p)[1]).sum(1) for p in (-1e4, -1.0, 0.0, 1.0, 3.0, 1e4)]
-        assert (lengths[0] == 1).all() and (lengths[-1] == 6).all()
-        for shorter, longer in zip(lengths, lengths[1:]):
-            assert (longer >= shorter).all()
-        # the scores are the model's own log-probabilities of the chosen codes and END, without the penalty
-        codes, pad, scores = lp.generate(enc, emb, 6, 5, end_penalty=3.0)
-        logits = lp(emb(codes).masked_fill(pad.unsqueeze(-1), 0.0), pad, enc)[:, :, 0]
-        lprobs = torch.log_softmax(logits, -1)
-        for r in range(5):
-            n = int((~pad[r]).sum())
-            want = sum(float(lprobs[r, j, codes[r, j]]) for j in range(n)) + float(lprobs[r, n, lp.end])
-            assert scores[r].item() == pytest.approx(want, abs=1e-4)
-        _, b_pad, _ = lp.beam_search(enc, emb, 6, 5, beam=2, end_penalty=1e4)
-        assert ((~b_pad).sum(1) == 6).all()
-
-    args = type("A", (), {"max_len_a": 0, "max_len_b": 50})()
-    out_lengths = {}
-    for p in (-1e4, 1e4):
-        task.cfg.latent_end_penalty = p
-        try:
-            hypos = task.build_generator([model], args).generate([model], sample)
-        finally:
-            task.cfg.latent_end_penalty = 0.0
-        out_lengths[p] = [len(h[0]["latents"]) for h in hypos]
-    assert out_lengths[-1e4] == [1] * 5 and min(out_lengths[1e4]) > 1
-    with pytest.raises(ValueError, match="latent-end-penalty"):
-        LatentGenerator(task.target_dictionary, latent_end_penalty=float("nan"))
 
 
 def test_validation_logs_oracle_bleu_and_posterior_entropy(tmp_path, caplog):
@@ -371,7 +336,7 @@ def test_averaged_checkpoints_decode_with_fairseq_generate(tmp_path):
 
 def _length_setup(tmp_path):
     task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0",
-                                                                  "--latent-length-prediction"])
+                                                                  "--latent-predictor", "parallel"])
     model.eval()
     lp = model.decoder.latent_predictor
     with torch.no_grad():  # distinct, confident length choices per sentence
@@ -382,10 +347,9 @@ def _length_setup(tmp_path):
     return task, model, criterion, sample, lp, model.decoder.bottleneck.embed_codes, enc
 
 
-def test_latent_length_prediction_decodes_the_predicted_number_of_latents(tmp_path):
-    """The length classifier reads the mean of the real source states; greedy decoding emits exactly its choice
-    of latents, each code conditioned on the latents still to come (a per-sentence loop with the same
-    embeddings agrees); the score adds log p(L); beam k=1 equals greedy; the END penalty is refused."""
+def test_the_length_classifier_reads_the_mean_of_the_real_source_states(tmp_path):
+    """log p(L | x) = log_softmax(W mean_{s real} h_s) (fairseq NAT's ``forward_length``); decoding emits the
+    most probable L within the budget."""
     task, model, _, _, lp, emb, enc = _length_setup(tmp_path)
     with torch.no_grad():
         states, mask = enc["encoder_out"][0], enc["encoder_padding_mask"][0]
@@ -394,33 +358,12 @@ def test_latent_length_prediction_decodes_the_predicted_number_of_latents(tmp_pa
             want = torch.log_softmax(lp.length_output(real.mean(0)), -1)
             torch.testing.assert_close(torch.log_softmax(lp.length_logits(enc)[i], -1), want, atol=1e-5, rtol=0)
         budget = 9
-        lengths, length_lp = lp.predicted_lengths(enc, budget)
-        assert ((lengths >= 1) & (lengths <= budget)).all() and len(set(lengths.tolist())) > 1
-        codes, pad, scores = lp.generate(enc, emb, budget, 5)
-        assert torch.equal((~pad).sum(1), lengths)
-        for i in range(5):
-            one = model.encoder.reorder_encoder_out(enc, torch.tensor([i]))
-            n = int(lengths[i])
-            state, prev, total = {}, lp.start.expand(1, -1), float(length_lp[i])
-            for t in range(n + 1):
-                lprobs = torch.log_softmax(lp.step(prev, t, one, state, lengths=lengths[i : i + 1]).float(), -1)[0, 0]
-                k = lp.end if t == n else int(lprobs[: lp.end].argmax())
-                total += float(lprobs[k])
-                if t < n:
-                    assert codes[i, t].item() == k
-                    prev = emb(torch.tensor([k]))
-            assert scores[i].item() == pytest.approx(total, abs=1e-4)
-        # teacher-forced logits on these codes: lengths from the mask by default
-        lat = emb(codes).masked_fill(pad.unsqueeze(-1), 0.0)
-        torch.testing.assert_close(lp(lat, pad, enc), lp(lat, pad, enc, lengths=lengths))
-        assert not torch.allclose(lp(lat, pad, enc), lp(lat, pad, enc, lengths=lengths + 1))
-        b_codes, b_pad, b_scores = lp.beam_search(enc, emb, budget, 5, beam=1)
-        assert torch.equal(b_pad, pad) and torch.equal(b_codes.masked_fill(b_pad, 0), codes.masked_fill(pad, 0))
-        torch.testing.assert_close(b_scores, scores, atol=1e-5, rtol=0)
-        k_codes, k_pad, _ = lp.beam_search(enc, emb, budget, 5, beam=3)
-        assert torch.equal((~k_pad).sum(1), lengths.repeat_interleave(3))
-        with pytest.raises(ValueError, match="latent-end-penalty"):
-            lp.generate(enc, emb, budget, 5, end_penalty=1.0)
+        lengths, length_lp = lp.top_lengths(enc, budget)
+        want = torch.log_softmax(lp.length_logits(enc), -1)[:, 1 : budget + 1].max(-1)
+        assert torch.equal(lengths[:, 0], want.indices + 1) and torch.equal(length_lp[:, 0], want.values)
+        assert len(set(lengths[:, 0].tolist())) > 1
+        _, pad, _ = lp.generate(enc, emb, budget, 5)
+        assert torch.equal((~pad).sum(1), lengths[:, 0])
 
 
 def test_latent_length_loss_is_the_cross_entropy_of_the_number_of_latents(tmp_path):
@@ -441,12 +384,13 @@ def test_latent_length_loss_is_the_cross_entropy_of_the_number_of_latents(tmp_pa
     assert gate > 0 and float(loss - without) == pytest.approx(gate * 0.1 * want / 5 * log["sample_size"], rel=1e-4)
 
 
-def test_latent_length_prediction_keeps_each_sentence_within_its_own_budget_whatever_the_batch(tmp_path):
+def test_the_length_classifier_keeps_each_sentence_within_its_own_budget_whatever_the_batch(tmp_path):
     """Per-sentence length budgets (a·|x| + b tokens) bound the predicted number of latents before the codes
     are predicted, so a sentence decodes to the same tokens alone and in a batch."""
     task, model, _, sample, lp, _, _ = _length_setup(tmp_path)
     with torch.no_grad():
-        lp.length_output.bias[-40:] += 20.0  # the classifier wants more latents than any budget allows
+        # the longer the more probable: the classifier wants more latents than any budget allows
+        lp.length_output.bias.add_(5.0 * torch.arange(lp.length_output.bias.numel()))
         lp.remaining.weight.mul_(30.0)  # and the codes depend strongly on the number of latents to come
     gen = LatentGenerator(task.target_dictionary, max_len_a=0.5, max_len_b=2)
     batch = [h[0]["tokens"].tolist() for h in gen.generate([model], sample)]

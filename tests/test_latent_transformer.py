@@ -176,8 +176,8 @@ def test_decoding_fewer_positions_changes_none_of_them(built):
     enc = model.encoder(**sample["net_input"])
     latents = torch.randn(3, 2, dec.embed_tokens.embedding_dim)
     latent_pad = torch.tensor([[False, True], [False, False], [False, True]])
-    full = dec.decode(latents, latent_pad, enc, features_only=True)
-    short = dec.decode(latents, latent_pad, enc, features_only=True, length=12)
+    full = dec.decode(latents, latent_pad, enc)
+    short = dec.decode(latents, latent_pad, enc, length=12)
     assert full.shape[1] == 16 and short.shape[1] == 12
     torch.testing.assert_close(short, full[:, :12], rtol=1e-5, atol=1e-5)
 
@@ -280,45 +280,17 @@ def test_denoising_noise():
     assert 0 < (dropped == 3).sum() < 14
 
 
-def test_glancing_feeds_gold_at_ratio_times_errors_real_positions(tmp_path):
+def test_the_latent_loss_trains_the_predictor_and_the_autoencoder_through_the_straight_through_latents(tmp_path):
     from fairseq_helpers import build_task_and_model
 
-    task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--glancing-ratio", "0.5",
-                                                                  "--dropout", "0"])
-    dec = model.decoder
-    model.train()
-    sample = make_sample(task, [3, 9, 17, 30])
-    target = sample["target"]
-    real = target.ne(task.target_dictionary.pad())
-    torch.manual_seed(3)
-    enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
-    z_e, latent_pad = dec.encode_target(dec.pad_to_multiple(target), enc)
-    latents = dec.bottleneck.embed_codes(dec.bottleneck.nearest_codes(z_e))
-    mask = dec.glancing_mask(latents, latent_pad, enc, target)
-    with torch.no_grad():
-        logits = dec.decode(latents, latent_pad, enc, length=target.size(1))
-    wrong = ((logits.argmax(-1) != target) & real).sum(1)
-    assert torch.equal(mask.sum(1), torch.ceil(0.5 * wrong.float()).long())
-    assert not (mask & ~real).any()
-    # the schedule is off while glancing: the logged masking is the share of non-gold inputs
-    _, _, log = criterion(model, sample)
-    assert 0.0 <= log["masking"] <= 1.0 and dec.masking() == 1.0
-
-
-@pytest.mark.parametrize("mode", ["stop", "flow"])
-def test_latent_input_gradient(tmp_path, mode):
-    from fairseq_helpers import build_task_and_model
-
-    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--latent-input-gradient", mode,
-                                                          "--dropout", "0"])
+    task, model, _ = build_task_and_model(str(tmp_path), ["--bottleneck", "vq", "--dropout", "0"])
     model.train()
     sample = make_sample(task, [5, 11])
     out = model(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], target=sample["target"])
     term = out["losses"]["lp"]
     lp = -torch.log_softmax(term["out"], -1).gather(-1, term["tgt"])[term["mask"]].sum()
     lp.backward()
-    grad = sum(float(p.grad.abs().sum()) for p in model.decoder.compressor.parameters() if p.grad is not None)
-    assert (grad == 0.0) == (mode == "stop")
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.compressor.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.latent_predictor.parameters())
 
 
@@ -339,26 +311,3 @@ def test_a_budget_that_ends_before_the_latent_loss_starts_is_warned(tmp_path, ca
         _, model, _ = build_task_and_model(str(tmp_path / "c"), ["--max-update", "1000"])
     assert "never trained" not in caplog.text
     assert model.decoder.latent_loss_start <= 400 and model.decoder.mask_startup_steps <= 400
-
-
-def test_decoder_without_source_attention_ignores_the_source(tmp_path):
-    from fairseq_helpers import build_task_and_model
-
-    task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "vq",
-                                                                  "--no-decoder-source-attention", "--dropout", "0"])
-    model.eval()
-    assert all(layer.encoder_attn is None for layer in model.decoder.layers)
-    sample = make_sample(task, [4, 9])
-    with torch.no_grad():
-        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
-        other = {**enc, "encoder_out": [torch.randn_like(enc["encoder_out"][0])]}
-        lat = model.decoder.bottleneck.embed_codes(torch.tensor([[1, 2], [3, 4]]))
-        pad = torch.zeros(2, 2, dtype=torch.bool)
-        a = model.decoder.decode(lat, pad, enc)
-        b = model.decoder.decode(lat, pad, other)
-        torch.testing.assert_close(a, b)
-    model.train()
-    loss, _, _ = criterion(model, sample)
-    assert torch.isfinite(loss)
-    hyps = task.build_generator([model], type("A", (), {"max_len_a": 0, "max_len_b": 30})()).generate([model], sample)
-    assert len(hyps) == 2

@@ -20,11 +20,10 @@ def data_bin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(data_bin, tmp_path_factory):
-    """Tiny trained latent transformers: the paper's predictor, one with a length classifier, one with product
-    codes."""
+    """Tiny trained latent transformers: the paper's predictor, the one-pass predictor, one with product codes."""
     root = tmp_path_factory.mktemp("ckpt")
     paths = {}
-    for name, extra in (("plain", []), ("length", ["--latent-length-prediction"]), ("blocks", ["--num-blocks", "2"])):
+    for name, extra in (("plain", []), ("parallel", ["--latent-predictor", "parallel"]), ("blocks", ["--num-blocks", "2"])):
         train(data_bin, str(root / name), ["--bottleneck", "vq", "--max-update", "2", *extra])
         paths[name] = str(root / name / "checkpoint_last.pt")
     return paths
@@ -36,10 +35,10 @@ def checkpoints(data_bin, tmp_path_factory):
     (["--codebook-decay", "1.0"], r"--codebook-decay must be a finite number in \[0.0, 1.0\), got 1.0"),
     (["--commitment-beta", "-0.5"], r"--commitment-beta must be a finite number in \[0.0, inf\), got -0.5"),
     (["--num-samples", "0"], r"--num-samples must be an integer in \[1, inf\), got 0"),
-    (["--glancing-ratio", "1.5"], r"--glancing-ratio must be a finite number in \[0.0, 1.0\], got 1.5"),
+    (["--latent-predictor", "parallel", "--latent-glancing-ratio", "1.5"],
+     r"--latent-glancing-ratio must be a finite number in \[0.0, 1.0\], got 1.5"),
     (["--soft-em-anneal-updates", "-3"], r"--soft-em-anneal-updates must be an integer in \[0, inf\), got -3"),
     (["--mask-startup-steps", "-1"], r"--mask-startup-steps must be an integer in \[0, inf\), got -1"),
-    (["--codebook-init-std", "0"], r"--codebook-init-std must be a finite number in \(0.0, inf\), got 0.0"),
     (["--num-blocks", "3"], r"--num-blocks 3 must divide --decoder-embed-dim 32"),
     (["--bottleneck", "semhash", "--num-codes", "12"], r"--num-codes a power of 2"),
     (["--soft-em-temperature", "0"], r"--soft-em-temperature must be a finite number >= 0.0001 .*, got 0.0"),
@@ -66,9 +65,7 @@ def test_fairseq_train_refuses_an_option_out_of_range_naming_it_and_its_range(da
     (["--codebook-update", "grad", "--codebook-decay", "0.9"], "--codebook-decay 0.9 has no effect"),
     (["--codebook-update", "grad", "--codebook-epsilon", "0.01"], "--codebook-epsilon 0.01 has no effect"),
     (["--bottleneck", "gumbel", "--kmeans-init"], "--kmeans-init True has no effect: a VQ codebook option"),
-    (["--glancing-ratio", "0.5"], "--glancing-ratio replaces the decoder-input masking schedule"),
     (["--length-loss-factor", "0.5"], "--length-loss-factor 0.5 has no effect: the model has no length"),
-    (["--latent-predictor", "parallel", "--latent-length-prediction"], "--latent-length-prediction has no effect"),
     (["--word-shuffle", "0.5", "--word-shuffle-distance", "0"], "--word-shuffle 0.5 has no effect"),
 ])
 def test_an_option_without_effect_is_a_warning_saying_why(tmp_path, caplog, flags, message):
@@ -95,10 +92,21 @@ def test_mutually_exclusive_bottleneck_options_are_errors(tmp_path):
 def test_generator_options_for_another_predictor_are_refused_before_decoding(data_bin, checkpoints):
     with pytest.raises(ValueError, match="--latent-length-beam needs a model with a length classifier"):
         generate(data_bin, checkpoints["plain"], ["--latent-length-beam", "2"])
-    with pytest.raises(ValueError, match="--latent-end-penalty has no effect on a model with a length classifier"):
-        generate(data_bin, checkpoints["length"], ["--latent-end-penalty", "1.0"])
+    with pytest.raises(ValueError, match="--latent-beam searches over autoregressive latent sequences"):
+        generate(data_bin, checkpoints["parallel"], ["--latent-beam", "2"])
     with pytest.raises(ValueError, match="--latent-beam needs --num-blocks 1"):
         generate(data_bin, checkpoints["blocks"], ["--latent-beam", "2"])
+
+
+@pytest.mark.parametrize("option", ["latent_length_prediction", "no_decoder_source_attention"])
+def test_a_checkpoint_trained_with_a_removed_option_is_a_clear_error(data_bin, checkpoints, tmp_path, option):
+    """Options removed for giving nothing measurable change the weights: such a checkpoint is refused by name."""
+    state = torch.load(checkpoints["plain"], weights_only=False)
+    setattr(state["cfg"]["model"], option, True)
+    path = str(tmp_path / "old.pt")
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"trained with --{option.replace('_', '-')}, an option of vq-nat 0.1"):
+        generate(data_bin, path, [])
 
 
 def test_a_latent_transformer_as_npd_teacher_is_a_clear_error(data_bin, checkpoints):
@@ -111,7 +119,7 @@ def test_a_latent_transformer_as_npd_teacher_is_a_clear_error(data_bin, checkpoi
 def test_the_criterion_needs_nothing_from_the_model_but_its_forward_output(tmp_path):
     """The criterion sums the named terms of any forward output: no attribute of the model is read."""
     task, model, criterion = build_task_and_model(str(tmp_path), ["--bottleneck", "em", "--num-samples", "3",
-                                                                  "--latent-length-prediction"])
+                                                                  "--latent-predictor", "parallel"])
     model.eval()
     model.set_num_updates(10 ** 6)
     sample = make_sample(task.target_dictionary, [3, 9, 5], seed=1)

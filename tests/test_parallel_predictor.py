@@ -48,7 +48,7 @@ def test_glancing_count_and_random_positions_against_a_hand_computation():
 def test_parallel_predictor_glances_ratio_times_wrong_codes_and_drops_them_from_the_loss(tmp_path, monkeypatch):
     task, model, criterion = _model(tmp_path, PARALLEL + ["--latent-glancing-ratio", "0.5"])
     lp = model.decoder.latent_predictor
-    assert lp.parallel and lp.predict_length
+    assert lp.parallel
     sample = make_sample(task.target_dictionary, [3, 9, 17, 30], seed=1)
     dec = model.decoder
     enc = _encode(model, sample)
@@ -121,52 +121,6 @@ def test_glancing_ratio_is_checked(tmp_path):
         _model(tmp_path, ["--bottleneck", "em", "--latent-glancing-ratio", "0.3"])
 
 
-def test_predicted_latent_ratio_feeds_the_decoder_the_predictors_own_codes(tmp_path, monkeypatch):
-    """--predicted-latent-ratio P: in training, a random share P of the real latent positions reach the decoder
-    as the embedding of the predictor's most probable code (its first glancing pass, reused), the rest as the
-    reference latents; P = 0 leaves the reference latents; evaluation never swaps."""
-    task, model, criterion = _model(tmp_path, PARALLEL + ["--predicted-latent-ratio", "1.0"])
-    dec = model.decoder
-    sample = make_sample(task.target_dictionary, [3, 9, 17, 30], seed=1)
-    src, lens = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
-    seen, guesses = [], []
-    original_decode, original_guess = dec.decode, dec.latent_predictor.guess
-    monkeypatch.setattr(dec, "decode", lambda latents, *a, **k: seen.append(latents.detach().clone())
-                        or original_decode(latents, *a, **k))
-    monkeypatch.setattr(dec.latent_predictor, "guess",
-                        lambda *a: guesses.append(original_guess(*a)) or guesses[-1])
-    model.train()
-    out = model(src, lens, target=sample["target"])
-    pad = out["latent_padding_mask"]
-    assert len(guesses) == 1  # one first pass, shared by the decoder's inputs and the glancing sampler
-    expected = dec.bottleneck.embed_codes(guesses[0][..., 0])
-    torch.testing.assert_close(seen[0][~pad], expected[~pad], atol=0, rtol=0)
-    assert torch.isfinite(criterion(model, sample)[0])
-
-    calls = len(guesses)
-    dec.predicted_latent_ratio = 0.0  # off: the bottleneck's own latents, no extra pass
-    model(src, lens, target=sample["target"])
-    assert not torch.allclose(seen[-1][~pad], expected[~pad]) and len(guesses) == calls
-    dec.predicted_latent_ratio = 1.0
-    model.eval()  # evaluation never swaps
-    model(src, lens, target=sample["target"])
-    assert len(guesses) == calls
-
-    model.train()
-    dec.predicted_latent_ratio = 0.5  # about half of the real positions swapped
-    torch.manual_seed(4)
-    model(src, lens, target=sample["target"])
-    swapped = (seen[-1] - dec.bottleneck.embed_codes(guesses[-1][..., 0])).abs().sum(-1).lt(1e-6) & ~pad
-    assert 0 < int(swapped.sum()) < int((~pad).sum())
-
-
-def test_predicted_latent_ratio_is_checked(tmp_path):
-    with pytest.raises(ValueError, match=r"--predicted-latent-ratio must be a finite number in \[0.0, 1.0\], got 2"):
-        _model(tmp_path, PARALLEL + ["--predicted-latent-ratio", "2"])
-    with pytest.raises(ValueError, match="--predicted-latent-ratio applies to --latent-predictor parallel only"):
-        _model(tmp_path, ["--bottleneck", "em", "--predicted-latent-ratio", "0.5"])
-
-
 # ------------------------------------------------------------------------------------------- decoding
 def test_parallel_generate_is_one_pass_at_the_predicted_length_and_batch_invariant(tmp_path):
     task, model, _ = _model(tmp_path, PARALLEL)
@@ -176,7 +130,7 @@ def test_parallel_generate_is_one_pass_at_the_predicted_length_and_batch_invaria
     enc = _encode(model, sample)
     budgets = torch.tensor([3, 1, 5, 8, 2])
     codes, pad, scores = lp.generate(enc, dec.bottleneck.embed_codes, 8, 5, budgets=budgets)
-    lengths, length_lp = lp.predicted_lengths(enc, 8, budgets)
+    lengths, length_lp = (t[:, 0] for t in lp.top_lengths(enc, 8, budgets))
     assert torch.equal((~pad).sum(1), lengths)
     assert ((~pad).sum(1) <= budgets).all() and ((~pad).sum(1) >= 1).all()
     # the score is log p(L) + sum_j max_c log p(c_j | x, L), from the model's own log-probabilities
@@ -250,43 +204,39 @@ def test_end_policy_rules():
     lp = torch.log_softmax(torch.randn(3, 5), -1)  # K = 4 codes + END (index 4)
     c = end_policy(lp, 0, 4, 6)
     assert torch.isinf(c[:, 4]).all() and torch.equal(c[:, :4], lp[:, :4])
-    c = end_policy(lp, 6, 4, 6, end_penalty=3.0)  # the budget: END only, at its own log-probability
+    c = end_policy(lp, 6, 4, 6)  # the budget: END only, at its own log-probability
     assert torch.isinf(c[:, :4]).all() and torch.equal(c[:, 4], lp[:, 4])
-    c = end_policy(lp, 2, 4, 6, end_penalty=3.0)
-    torch.testing.assert_close(c[:, 4], lp[:, 4] - 3.0)
-    c = end_policy(lp, 2, 4, 6, lengths=torch.tensor([1, 2, 3]))
-    assert torch.isinf(c[0, :4]).all() and torch.isinf(c[1, :4]).all() and torch.isinf(c[2, 4])
-    assert torch.equal(c[2, :4], lp[2, :4]) and torch.equal(c[:2, 4], lp[:2, 4])
+    c = end_policy(lp, 2, 4, 6)  # otherwise the model's own log-probabilities
+    assert torch.equal(c, lp)
+    c = end_policy(lp, 2, 4, 6, budgets=torch.tensor([1, 2, 3]))  # each row's own budget
+    assert torch.isinf(c[0, :4]).all() and torch.isinf(c[1, :4]).all() and torch.equal(c[2], lp[2])
+    assert torch.equal(c[:2, 4], lp[:2, 4])
 
 
-@pytest.mark.parametrize("flags,penalty", [([], 0.0), ([], 1.5), ([], -1.0), (["--latent-length-prediction"], 0.0)])
-def test_greedy_and_beam_of_one_share_the_policy_and_score_the_models_own_log_probabilities(tmp_path, flags, penalty):
-    task, model, _ = _model(tmp_path, ["--bottleneck", "em", "--num-samples", "3"] + flags)
+@pytest.mark.parametrize("budgets", [None, [4, 2, 4, 3, 1]])
+def test_greedy_and_beam_of_one_share_the_policy_and_score_the_models_own_log_probabilities(tmp_path, budgets):
+    task, model, _ = _model(tmp_path, ["--bottleneck", "em", "--num-samples", "3"])
     model.eval()
     lp, dec = model.decoder.latent_predictor, model.decoder
     with torch.no_grad():
         lp.output.bias[lp.end] += 1.0  # some sentences stop early, others run into the budget
     sample = make_sample(task.target_dictionary, [3, 11, 6, 17, 1], seed=3)
     enc = _encode(model, sample)
-    budgets = torch.tensor([4, 2, 4, 3, 1])
-    g_codes, g_pad, g_scores = lp.generate(enc, dec.bottleneck.embed_codes, 4, 5, end_penalty=penalty,
-                                           budgets=budgets if flags else None)
-    b_codes, b_pad, b_scores = lp.beam_search(enc, dec.bottleneck.embed_codes, 4, 5, 1, end_penalty=penalty,
-                                              budgets=budgets if flags else None)
+    budgets = None if budgets is None else torch.tensor(budgets)
+    g_codes, g_pad, g_scores = lp.generate(enc, dec.bottleneck.embed_codes, 4, 5, budgets=budgets)
+    b_codes, b_pad, b_scores = lp.beam_search(enc, dec.bottleneck.embed_codes, 4, 5, 1, budgets=budgets)
     assert torch.equal(g_pad, b_pad[:, : g_pad.size(1)]) and not b_pad[:, g_pad.size(1):].any()
     assert torch.equal(g_codes.masked_fill(g_pad, 0), b_codes[:, : g_codes.size(1)])
     torch.testing.assert_close(g_scores, b_scores, atol=1e-4, rtol=1e-5)
-    if flags:  # END exactly at the classifier's length
-        assert torch.equal((~g_pad).sum(1), lp.predicted_lengths(enc, 4, budgets)[0])
-    # the scores are the model's own log-probabilities, never the penalised ones: teacher-forced recomputation
+    if budgets is not None:
+        assert ((~g_pad).sum(1) <= budgets).all()
+    # the scores are the model's own log-probabilities: teacher-forced recomputation
     n = (~g_pad).sum(1)
     latents = dec.bottleneck.embed_codes(g_codes).masked_fill(g_pad.unsqueeze(-1), 0.0)
     with torch.no_grad():
-        lprobs = torch.log_softmax(lp(latents, g_pad, enc, lengths=n if flags else None).float(), -1)[:, :, 0]
+        lprobs = torch.log_softmax(lp(latents, g_pad, enc).float(), -1)[:, :, 0]
     want = lprobs[:, :-1].gather(-1, g_codes.unsqueeze(-1)).squeeze(-1).masked_fill(g_pad, 0).sum(1)
     want = want + lprobs[torch.arange(5), n, lp.end]
-    if flags:
-        want = want + lp.predicted_lengths(enc, 4, budgets)[1]
     torch.testing.assert_close(g_scores, want, atol=1e-4, rtol=1e-5)
 
 
@@ -337,8 +287,6 @@ def test_oracle_and_parallel_decoding_respect_the_length_budget_and_no_empty_lat
                 assert n == math.ceil(int(sample["target"][i].ne(d.pad()).sum()) / f)
     with pytest.raises(ValueError, match="takes --latent-length-beam instead"):
         LatentGenerator(d, latent_beam=2).generate([model], sample)
-    with pytest.raises(ValueError, match="latent-end-penalty has no effect"):
-        LatentGenerator(d, latent_end_penalty=1.0).generate([model], sample)
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -167,8 +167,6 @@ def test_a_dictionary_of_the_same_size_with_other_symbols_is_named(files):
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "diagnose.py: --batch-size must be >= 1, got 0"),
-    (["--latent-end-penalty", "nan"], "diagnose.py: --latent-end-penalty must be a finite number, got nan"),
-    (["--latent-end-penalty=-inf"], "diagnose.py: --latent-end-penalty must be a finite number, got -inf"),
     (["--max-len-a", "-1"], "diagnose.py: --max-len-a must be a finite number >= 0, got -1.0"),
 ])
 def test_diagnose_names_a_bad_number_in_one_line_before_loading(tmp_path, argv, message):

@@ -606,13 +606,13 @@ def test_experiments_refuses_a_finished_run_trained_with_other_options(tmp_path,
 
 
 def test_experiments_checks_parallel_only_levers_before_training(tmp_path, monkeypatch):
-    """pl05 (--predicted-latent-ratio) and g0/g03 (glancing) need par: refused before any combination is trained."""
+    """g0/g03 (the parallel predictor's glancing) need par: refused before any combination is trained."""
     experiments, trained, common = _fake_experiments(tmp_path, monkeypatch)
-    for combo, lever in (("pl05", "pl05 (--predicted-latent-ratio 0.5"), ("K64+g0", "g0 (--latent-glancing-ratio 0")):
+    for combo, lever in (("g03", "g03 (--latent-glancing-ratio 0.3"), ("K64+g0", "g0 (--latent-glancing-ratio 0")):
         with pytest.raises(SystemExit) as e:
             experiments.main(common + ["--only", "base", combo, "--max-update", "1"])
         assert lever in e.value.code and f"combine them with par (e.g. par+{combo.split('+')[-1]}), not {combo!r}" \
             in e.value.code, e.value.code
     assert trained == [] and not os.path.exists(tmp_path / "w" / "lever-base-raw-s1")
-    experiments.main(common + ["--only", "par+pl05", "--max-update", "1"])
-    assert "--predicted-latent-ratio" in trained[-1]
+    experiments.main(common + ["--only", "par+g03", "--max-update", "1"])
+    assert "--latent-glancing-ratio" in trained[-1]

@@ -105,9 +105,9 @@ def test_hub_errors_name_the_missing_piece(trained, tmp_path):
         from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), latent_beem=3)
     with pytest.raises(ValueError, match="unknown tokenizer 'nosuch'"):
         from_pretrained(str(save), "checkpoint_last.pt", data=str(out / "bin"), tokenizer="nosuch")
-    with pytest.raises(TypeError, match=r"\['latent_end_penalty'\] are the model's decoding options: pass them to "
+    with pytest.raises(TypeError, match=r"\['latent_beam'\] are the model's decoding options: pass them to "
                                         r"from_pretrained"):
-        lt.translate("A dog runs.", latent_end_penalty=-50)
+        lt.translate("A dog runs.", latent_beam=2)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['no_such_option'\]"):
         lt.translate("A dog runs.", no_such_option=3)
     # a truncated checkpoint (torch raises OSError for some cuts) is named

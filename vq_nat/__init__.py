@@ -7,7 +7,7 @@ criterion and generator are registered by :func:`register`, which runs on import
 """
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def register():

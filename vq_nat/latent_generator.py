@@ -20,16 +20,10 @@ Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best late
 predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by latent score is decoded, or, with
 ``npd_teacher``, all k are decoded in one parallel pass and the teacher picks as for NPD.
 
-Length beam (``length_beam`` = l > 1, ``--latent-length-beam``; models with a length classifier, e.g.
+Length beam (``length_beam`` = l > 1, ``--latent-length-beam``; models with a length classifier,
 ``--latent-predictor parallel``): the l most probable numbers of latents of every sentence are each predicted and
 decoded, all in one batch of B·l rows, and the hypothesis with the best mean log-probability of its emitted tokens
 is returned (the model's own score, as fairseq NAT's ``--iter-decode-with-beam``); l = 1 is plain decoding.
-
-Latent length (``latent_end_penalty`` P, ``--latent-end-penalty``): the latent predictor's END is chosen as if its
-log-probability were lower by P, so P > 0 gives longer latent sequences (and outputs), P < 0 shorter ones; the
-value is chosen on valid like fairseq's ``--lenpen``. A model trained with ``--latent-length-prediction`` takes the
-number of latents from its length classifier instead (bounded by each sentence's budget); a P other than 0 is
-refused with an error.
 
 Teacher-forced decoding (``oracle_latents``, ``--oracle-latents``): the latents are the autoencoder's own codes
 of the reference (``LatentDecoder.reference_codes``) instead of the predicted ones; the BLEU it gives bounds what
@@ -48,8 +42,7 @@ logger = logging.getLogger(__name__)
 
 class LatentGenerator:
     def __init__(self, tgt_dict, max_len_a: float = 0.0, max_len_b: int = 200, npd_candidates: int = 1,
-                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1, latent_end_penalty: float = 0.0,
-                 length_beam: int = 1):
+                 npd_teacher=None, oracle_latents: bool = False, latent_beam: int = 1, length_beam: int = 1):
         if npd_candidates < 1:
             raise ValueError(f"--npd-candidates must be >= 1, got {npd_candidates}")
         if oracle_latents and npd_candidates > 1:
@@ -69,12 +62,6 @@ class LatentGenerator:
         self.npd_candidates = npd_candidates
         self.oracle_latents = oracle_latents
         self.latent_beam = latent_beam
-        if latent_end_penalty != latent_end_penalty or abs(latent_end_penalty) == float("inf"):
-            raise ValueError(f"--latent-end-penalty must be a finite number, got {latent_end_penalty}")
-        self.latent_end_penalty = float(latent_end_penalty)
-        if oracle_latents and self.latent_end_penalty != 0.0:
-            raise ValueError("--latent-end-penalty has no effect with --oracle-latents (the reference's own latents "
-                             "are decoded, END is not chosen)")
         if not (math.isfinite(max_len_a) and max_len_a >= 0 and math.isfinite(max_len_b)) \
                 or (max_len_a == 0 and max_len_b < 1):
             raise ValueError(f"--max-len-a must be a finite number >= 0 and --max-len-b a finite number (>= 1 when "
@@ -96,12 +83,9 @@ class LatentGenerator:
                              "--latent-predictor parallel takes --latent-length-beam instead")
         if self.latent_beam > 1 and predictor.num_blocks != 1:
             raise ValueError("--latent-beam needs --num-blocks 1 (a beam over product codes is not implemented)")
-        if self.length_beam > 1 and not predictor.predict_length:
-            raise ValueError("--latent-length-beam needs a model with a length classifier "
-                             "(--latent-predictor parallel or --latent-length-prediction)")
-        if self.latent_end_penalty != 0.0 and predictor.predict_length:
-            raise ValueError("--latent-end-penalty has no effect on a model with a length classifier: its END "
-                             "comes at the predicted number of latents")
+        if self.length_beam > 1 and not predictor.parallel:
+            raise ValueError("--latent-length-beam needs a model with a length classifier (--latent-predictor "
+                             "parallel)")
 
     @torch.no_grad()
     def generate(self, models, sample: Dict, **kwargs) -> List[List[Dict]]:
@@ -140,8 +124,7 @@ class LatentGenerator:
         if self.latent_beam > 1:
             b, beam = src_tokens.size(0), self.latent_beam
             codes, latent_pad, beam_scores = dec.latent_predictor.beam_search(
-                encoder_out, dec.bottleneck.embed_codes, dec.latent_limit(int(limits.max())), b, beam,
-                end_penalty=self.latent_end_penalty, budgets=budget)
+                encoder_out, dec.bottleneck.embed_codes, dec.latent_limit(int(limits.max())), b, beam, budgets=budget)
             if self.teacher is None:  # chosen by latent score: each sentence's best sequence
                 first = torch.arange(b, device=codes.device) * beam
                 codes, latent_pad, beam_scores = codes[first], latent_pad[first], beam_scores[first]
@@ -161,8 +144,7 @@ class LatentGenerator:
             limits, budget = limits[order], budget[order]
         tokens, scores, latent_pad, codes, latent_scores = dec.generate(
             encoder_out, int(limits.max()) if limits is not None else 0, latent_budget=budget,
-            sample=sample_rows, token_budget=limits, end_penalty=self.latent_end_penalty,
-            latent_lengths=lengths, **given,
+            sample=sample_rows, token_budget=limits, latent_lengths=lengths, **given,
         )
         if beam_scores is not None:  # the beam's own scores of the latents it chose
             latent_scores = beam_scores

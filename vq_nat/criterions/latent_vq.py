@@ -61,8 +61,8 @@ class LatentVQCriterionConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the reconstruction loss"})
     latent_loss_weight: float = field(default=1.0, metadata={"help": "weight of the latent-predictor loss"})
     length_loss_factor: float = field(default=0.1, metadata={
-        "help": "weight of the latent-length classifier's loss relative to the latent-predictor loss (models "
-                "with --latent-length-prediction or --latent-predictor parallel; fairseq NAT's --length-loss-factor)"})
+        "help": "weight of the latent-length classifier's loss relative to the latent-predictor loss "
+                "(--latent-predictor parallel; fairseq NAT's --length-loss-factor)"})
 
 
 @register_criterion("latent_vq", dataclass=LatentVQCriterionConfig)

@@ -15,7 +15,7 @@ QUANTIZER_OPTIONS = {
     "num_codes": "num_codes", "num_samples": "num_samples", "codebook_update": "update", "codebook_decay": "decay",
     "codebook_epsilon": "epsilon", "commitment_beta": "beta", "num_blocks": "num_blocks",
     "soft_em_temperature": "temperature", "soft_em_anneal_updates": "anneal_updates",
-    "codebook_init_std": "init_std", "kmeans_init": "kmeans_init", "dead_code_threshold": "dead_code_threshold",
+    "kmeans_init": "kmeans_init", "dead_code_threshold": "dead_code_threshold",
 }
 
 

@@ -1,14 +1,9 @@
 """The Latent Transformer's training curriculum, functions of the update number (t2t ``transformer_nat``): the
-decoder-input masking warm-up or GLAT's glancing instead, and the gate of the latent-predictor loss (the
-bottleneck anneals its own soft-EM temperature). ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them
-at the current update."""
-from typing import Dict
-
+decoder-input masking warm-up and the gate of the latent-predictor loss (the bottleneck anneals its own soft-EM
+temperature). ``Curriculum`` is a mixin of ``LatentDecoder`` that applies them at the current update."""
 import torch
-from torch import Tensor
 
 from ..modules.schedules import inverse_exp_decay, inverse_lin_decay
-from .parallel_latent_predictor import glancing_count, random_positions
 
 
 def masking_probability(step: int, mask_startup_steps: int) -> float:
@@ -42,21 +37,7 @@ class Curriculum:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def masking(self) -> float:
-        if not self.training or self.glancing_ratio > 0:
-            return 1.0
-        return masking_probability(self.num_updates, self.mask_startup_steps)
-
-    @torch.no_grad()
-    def glancing_mask(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, target: Tensor) -> Tensor:
-        """GLAT's glancing sampler (Qian et al. 2021, eq.5-6) for the parallel decoder: decode once without gold
-        inputs, count each sentence's wrong tokens d(y, y_hat), and choose N = ceil(R * d) of its real positions
-        uniformly at random; returns the (B, T) mask of the positions whose gold embedding is fed."""
-        real = target.ne(self.padding_idx)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True,
-                               length=target.size(1))
-        wrong = torch.zeros_like(real)
-        wrong[real] = self.output_layer(features[real]).argmax(-1) != target[real]
-        return random_positions(real, glancing_count(wrong, self.glancing_ratio))
+        return masking_probability(self.num_updates, self.mask_startup_steps) if self.training else 1.0
 
     def latent_gate(self) -> float:
         """The latent-predictor (and length) loss's factor at this update: 0 until ``--latent-loss-start``, then 1."""

@@ -5,14 +5,8 @@ one-hots for soft EM: the paper's label smoothing, §3.2; given as the m codes, 
 Its vocabulary is the K codes plus one **end-of-latents** symbol (index K): the latent sequence of a target
 of n tokens (EOS included) has ceil(n / 2^nc) codes followed by END, so at inference the predictor decides the
 latent length itself and stops early per sentence. With product quantization it predicts the ``num_blocks``
-codes of a position with one softmax each (END is read from block 0).
-
-Latent length prediction (``predict_length``, ``--latent-length-prediction``; beyond the paper, as the length
-classifier of fairseq's NAT, Gu et al. 2018): a classifier on the mean source encoding predicts the number of
-latents L first, and every input position j also gets a learned embedding of the number of latents still to come,
-L - j (a length-aware position, Takase & Okazaki 2019), so the codes are predicted for a known length. At
-inference END is excluded before position L and chosen at L. Without it, END follows whichever code the
-autoencoder uses to end a sentence with near certainty, and greedy decoding picks such codes too early.
+codes of a position with one softmax each (END is read from block 0). Its base class holds what the one-pass
+``ParallelLatentPredictor`` shares.
 
 Inputs at training time are the straight-through quantized latents, shifted right behind a learned start
 vector (tensor2tensor feeds ``latents_dense`` to its "extra" decoder the same way); at inference the embedding
@@ -23,7 +17,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fairseq.models.nat.nonautoregressive_transformer import _mean_pooling
 from fairseq.modules import LayerNorm, SinusoidalPositionalEmbedding, TransformerDecoderLayer
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
@@ -33,29 +26,18 @@ def causal_mask(length: int, device) -> Tensor:
     return torch.triu(torch.full((length, length), float("-inf"), device=device), 1)
 
 
-def end_policy(lprobs: Tensor, t: int, end: int, max_latents: int, end_penalty: float = 0.0,
-               lengths: Optional[Tensor] = None, budgets: Optional[Tensor] = None) -> Tensor:
+def end_policy(lprobs: Tensor, t: int, end: int, max_latents: int, budgets: Optional[Tensor] = None) -> Tensor:
     """The one set of rules for where END may stand in a latent sequence, for greedy decoding, sampling and beam
     search alike. ``lprobs`` (R, K + 1): the model's log-probabilities of block 0 at step ``t``; returns the
     scores the choice is made by (a new tensor; the model's own log-probabilities are what is scored):
-
-    - t = 0: no END (every target has at least one token, so at least one latent);
-    - t = ``max_latents``, or t >= a row's own ``budgets`` (R,), or t >= its predicted length ``lengths`` (R,):
-      END only (so a sentence's latents never depend on the other sentences of its batch);
-    - t < L with predicted lengths: no END;
-    - otherwise END is chosen as if its log-probability were lower by ``end_penalty`` (``--latent-end-penalty``).
-    """
+    no END at t = 0 (every target has a token, so a latent); END only at t = ``max_latents`` or t >= a row's own
+    ``budgets`` (R,) (so a sentence's latents never depend on the other sentences of its batch)."""
     choose = lprobs.clone()
     if t == 0:
         choose[:, end] = float("-inf")
     forced = torch.full_like(choose[:, end], t >= max_latents, dtype=torch.bool)
     if budgets is not None:
         forced |= t >= budgets.clamp(min=1)
-    if lengths is not None:
-        forced |= t >= lengths
-        choose[:, end] = choose[:, end].masked_fill(~forced, float("-inf"))
-    elif end_penalty != 0.0 and t > 0:
-        choose[:, end] -= end_penalty
     choose[:, end] = torch.where(forced, lprobs[:, end], choose[:, end])
     choose[:, :end] = choose[:, :end].masked_fill(forced.unsqueeze(1), float("-inf"))
     return choose
@@ -63,13 +45,13 @@ def end_policy(lprobs: Tensor, t: int, end: int, max_latents: int, end_penalty: 
 
 class LatentPredictorBase(nn.Module):
     """What the autoregressive and the parallel latent predictor share: ``num_layers`` fairseq
-    ``TransformerDecoderLayer``s attending to the source, sinusoidal positions, an output layer of ``num_blocks``
-    softmaxes over ``num_symbols`` each, and the latent-length classifier (with ``predict_length``); with
-    ``start``, the learned start vector of autoregressive decoding (created first, so that parameter order and
-    initialisation are those of the model before the parallel predictor existed)."""
+    ``TransformerDecoderLayer``s attending to the source, sinusoidal positions and an output layer of
+    ``num_blocks`` softmaxes over ``num_symbols`` each; with ``start``, the learned start vector of autoregressive
+    decoding (created first, so that parameter order and initialisation are those of the model before the parallel
+    predictor existed)."""
 
     def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
-                 num_symbols: int, predict_length: bool = False, start: bool = False):
+                 num_symbols: int, start: bool = False):
         super().__init__()
         dim = args.decoder_embed_dim
         if start:
@@ -86,65 +68,9 @@ class LatentPredictorBase(nn.Module):
         self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(num_layers))
         self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
         self.output = nn.Linear(dim, num_blocks * num_symbols)
-        self.predict_length = predict_length
-        if predict_length:
-            self.length_output = nn.Linear(dim, max_latents + 1)  # classes 0..max_latents (0: never a target)
-            self.remaining = nn.Embedding(max_latents + 1, dim)  # L - j for input position j = 0..L
-            nn.init.normal_(self.remaining.weight, std=dim**-0.5)
 
-    def length_logits(self, encoder_out: Dict) -> Tensor:
-        """(B, max_latents + 1) logits of the number of latents, from the mean of the source encoding over its
-        real positions (fairseq NAT's ``forward_length``)."""
-        return self.length_output(_mean_pooling(*unpack_encoder_out(encoder_out)))
-
-    def top_lengths(self, encoder_out: Dict, max_latents: int, budgets: Optional[Tensor] = None,
-                    beam: int = 1) -> Tuple[Tensor, Tensor]:
-        """The ``beam`` most probable numbers of latents in 1..``max_latents`` (each ≤ its sentence's ``budgets``
-        (B,), so that a sentence's latents do not depend on the batch) and their log-probabilities, (B, beam)
-        each, best first. Where fewer lengths are allowed than ``beam``, the surplus has log-probability -inf."""
-        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)[:, 1 : max_latents + 1]
-        if budgets is not None:
-            allowed = torch.arange(1, lprobs.size(1) + 1, device=lprobs.device).unsqueeze(0) <= \
-                budgets.clamp(min=1).unsqueeze(1)
-            lprobs = lprobs.masked_fill(~allowed, float("-inf"))
-        if beam > lprobs.size(1):
-            lprobs = F.pad(lprobs, (0, beam - lprobs.size(1)), value=float("-inf"))
-        best, lengths = lprobs.topk(beam, dim=-1)
-        return (lengths + 1).clamp(max=max_latents), best
-
-    def predicted_lengths(self, encoder_out: Dict, max_latents: int,
-                          budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """The most probable number of latents (``top_lengths`` with beam 1) and its log-probability, (B,) each."""
-        lengths, lprobs = self.top_lengths(encoder_out, max_latents, budgets)
-        return lengths[:, 0], lprobs[:, 0]
-
-    def _lengths(self, encoder_out: Dict, max_latents: int, end_penalty: float, budgets: Optional[Tensor],
-                 lengths: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
-        """(numbers of latents, their log-probabilities) with length prediction, else None: ``lengths`` (B,) when
-        given (a length beam), else the classifier's choice."""
-        if not self.predict_length:
-            if lengths is not None:
-                raise ValueError("a latent length beam needs a model with a length classifier "
-                                 "(--latent-predictor parallel or --latent-length-prediction)")
-            return None
-        if end_penalty != 0.0:
-            raise ValueError("--latent-end-penalty has no effect on a model with a length classifier: its END "
-                             "comes at the predicted number of latents")
-        if lengths is None:
-            return self.predicted_lengths(encoder_out, max_latents, budgets)
-        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)
-        return lengths, lprobs.gather(1, lengths.unsqueeze(1)).squeeze(1)
-
-    def _remaining(self, lengths: Tensor, offset: int, width: int) -> Tensor:
-        """(B, width, H) embeddings of L - j for positions j = offset .. offset + width - 1 (clamped to 0)."""
-        j = torch.arange(offset, offset + width, device=lengths.device).unsqueeze(0)
-        return self.remaining((lengths.unsqueeze(1) - j).clamp(0, self.max_latents))
-
-    def _embed(self, x: Tensor, offset: int = 0, lengths: Optional[Tensor] = None) -> Tensor:
-        x = x + self.positions[offset : offset + x.size(1)].to(x.dtype).unsqueeze(0)
-        if self.predict_length:
-            x = x + self._remaining(lengths, offset, x.size(1)).to(x.dtype)
-        return self.dropout(x)
+    def _positioned(self, x: Tensor, offset: int = 0) -> Tensor:
+        return x + self.positions[offset : offset + x.size(1)].to(x.dtype).unsqueeze(0)
 
     def _logits(self, x: Tensor) -> Tensor:
         if self.layer_norm is not None:
@@ -158,22 +84,16 @@ class LatentPredictor(LatentPredictorBase):
 
     parallel = False
 
-    def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
-                 predict_length: bool = False):
-        super().__init__(args, num_layers, num_codes, num_blocks, max_latents, num_codes + 1, predict_length,
-                         start=True)
+    def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int):
+        super().__init__(args, num_layers, num_codes, num_blocks, max_latents, num_codes + 1, start=True)
         self.end = num_codes  # the end-of-latents symbol
 
-    def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict,
-                lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict) -> Tensor:
         """Teacher-forced logits. ``latents`` (B, L, H) quantized; returns (B, L + 1, num_blocks, K + 1):
-        position j predicts latent j from latents < j, and position L_i predicts END. ``lengths`` (B,): the
-        sentences' numbers of latents for length prediction (default: the real positions of the mask)."""
+        position j predicts latent j from latents < j, and position L_i predicts END."""
         b, length, _ = latents.shape
-        if lengths is None:
-            lengths = (~latent_padding_mask).sum(1)
         x = torch.cat([self.start.to(latents.dtype).expand(b, 1, -1), latents], dim=1)
-        x = self._embed(x, lengths=lengths)
+        x = self.dropout(self._positioned(x))
         # position j reads inputs 0..j; inputs past a sentence's END position are padding
         pad = torch.cat([latent_padding_mask.new_zeros(b, 1), latent_padding_mask], dim=1)
         enc, enc_mask = unpack_encoder_out(encoder_out)
@@ -183,50 +103,38 @@ class LatentPredictor(LatentPredictorBase):
             x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
         return self._logits(x.transpose(0, 1))
 
-    def step(self, prev: Tensor, position: int, encoder_out: Dict, incremental_state: Dict,
-             lengths: Optional[Tensor] = None) -> Tensor:
+    def step(self, prev: Tensor, position: int, encoder_out: Dict, incremental_state: Dict) -> Tensor:
         """One cached decoding step: ``prev`` (B, H) previous latent embedding -> (B, num_blocks, K + 1)."""
-        x = self._embed(prev.unsqueeze(1), offset=position, lengths=lengths).transpose(0, 1)
+        x = self.dropout(self._positioned(prev.unsqueeze(1), offset=position)).transpose(0, 1)
         enc, enc_mask = unpack_encoder_out(encoder_out)
         for layer in self.layers:
             x, _, _ = layer(x, enc, enc_mask, incremental_state=incremental_state)
         return self._logits(x.transpose(0, 1))[:, 0]
 
     @torch.no_grad()
-    def generate(
-        self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
-        sample: Optional[Tensor] = None, temperature: float = 1.0, end_penalty: float = 0.0,
-        budgets: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    def generate(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
+                 sample: Optional[Tensor] = None, budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Decoding with fairseq's incremental state until every sentence has emitted END (or ``max_latents``
-        codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from
-        softmax(choice scores / temperature) (the candidates of noisy parallel decoding). Where END may stand is
-        ``end_policy``'s rule (``end_penalty``, each row's ``budgets``, predicted lengths).
-
-        With a length classifier the number of latents is its choice (at most ``budgets`` (B,) where given), or
-        ``lengths`` (B,) where given (a length beam), and its log-probability is part of the score.
+        codes): greedy, or for the rows where ``sample`` (B,) is True, ancestral sampling from the choice scores
+        (the candidates of noisy parallel decoding). Where END may stand is ``end_policy``'s rule (each row's
+        ``budgets`` (B,)).
 
         Returns codes (B, L) [or (B, L, num_blocks)], latent padding mask (B, L), and the model's own summed
         log-probability of each sentence's codes and END (END: block 0 only).
         """
         device = self.start.device
-        predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets, lengths)
-        target_lengths = None if predicted is None else predicted[0]
         incremental_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
         prev = self.start.expand(batch_size, -1)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         picked, picked_lp = [], []  # per step: (B, num_blocks) symbols and their log-probabilities
         for t in range(max_latents + 1):
-            logits = self.step(prev, t, encoder_out, incremental_state, lengths=target_lengths)
-            lprobs = F.log_softmax(logits.float(), dim=-1)
+            lprobs = F.log_softmax(self.step(prev, t, encoder_out, incremental_state).float(), dim=-1)
             choose = lprobs.clone()
-            choose[:, 0] = end_policy(lprobs[:, 0], t, self.end, max_latents, end_penalty, target_lengths, budgets)
+            choose[:, 0] = end_policy(lprobs[:, 0], t, self.end, max_latents, budgets)
             choose[:, 1:, self.end] = float("-inf")  # END is block 0's symbol: the other blocks pick codes
             idx = choose.argmax(-1)  # (B, num_blocks)
             if sample is not None and t < max_latents:  # at the budget END is forced: nothing to draw
-                drawn = torch.multinomial(
-                    F.softmax(choose.flatten(0, 1) / temperature, dim=-1), 1
-                ).view_as(idx)
+                drawn = torch.multinomial(F.softmax(choose.flatten(0, 1), dim=-1), 1).view_as(idx)
                 idx = torch.where(sample.unsqueeze(1), drawn, idx)
             best = lprobs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
             ends = idx[:, 0] == self.end
@@ -241,12 +149,9 @@ class LatentPredictor(LatentPredictorBase):
                                else idx[:, 0].clamp(max=self.num_codes - 1)).to(prev.dtype)
         # each sentence's latents end at its first END: length = its position, score = sum up to and with it
         symbols = torch.stack(picked, dim=1)  # (B, T, num_blocks)
-        is_end = symbols[:, :, 0] == self.end
-        num = is_end.int().argmax(1)  # every row has an END (forced at max_latents)
+        num = (symbols[:, :, 0] == self.end).int().argmax(1)  # every row has an END (forced at max_latents)
         steps = torch.arange(symbols.size(1), device=device).unsqueeze(0)
         scores = torch.stack(picked_lp, dim=1).sum(-1).masked_fill(steps > num.unsqueeze(1), 0.0).sum(1)
-        if predicted is not None:
-            scores = scores + predicted[1]
         codes = symbols[:, :-1].clamp(max=self.num_codes - 1) if symbols.size(1) > 1 else \
             torch.zeros(batch_size, 1, self.num_blocks, dtype=torch.long, device=device)
         if self.num_blocks == 1:
@@ -256,10 +161,10 @@ class LatentPredictor(LatentPredictorBase):
 
     @torch.no_grad()
     def beam_search(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int, beam: int,
-                    end_penalty: float = 0.0, budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    budgets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """The ``beam`` best latent sequences of every sentence (beam search, one code per position, END ends a
-        sequence), searched and ranked by the mean choice score of their codes and END (fairseq's length
-        penalty 1), where END may stand and what it costs being ``end_policy``'s rule, as in ``generate``.
+        sequence), searched and ranked by the mean log-probability of their codes and END (fairseq's length
+        penalty 1), where END may stand being ``end_policy``'s rule, as in ``generate``.
 
         Each step re-runs the teacher-forced ``forward`` on the prefixes (latent sequences are a few positions
         long). Returns codes (B * beam, L), their padding mask and the model's own summed log-probabilities
@@ -272,8 +177,6 @@ class LatentPredictor(LatentPredictorBase):
         rows = batch_size * k
         order = torch.arange(batch_size, device=device).repeat_interleave(k)
         enc = _reorder(encoder_out, order)
-        predicted = self._lengths(encoder_out, max_latents, end_penalty, budgets)
-        row_lengths = None if predicted is None else predicted[0][order]
         row_budgets = None if budgets is None else budgets[order]
         codes = torch.zeros(rows, 0, dtype=torch.long, device=device)
         search = torch.zeros(batch_size, k, device=device)  # summed choice scores: what the beam ranks by
@@ -284,9 +187,9 @@ class LatentPredictor(LatentPredictorBase):
         for t in range(max_latents + 1):
             pad = torch.zeros(rows, t, dtype=torch.bool, device=device)
             latents = embed_codes(codes.clamp(max=self.num_codes - 1)).to(self.start.dtype)
-            logits = self.forward(latents, pad, enc, lengths=row_lengths)[:, t, 0]  # (rows, K + 1): next symbol
+            logits = self.forward(latents, pad, enc)[:, t, 0]  # (rows, K + 1): the next symbol
             lprobs = F.log_softmax(logits.float(), dim=-1)
-            choose = end_policy(lprobs, t, self.end, max_latents, end_penalty, row_lengths, row_budgets)
+            choose = end_policy(lprobs, t, self.end, max_latents, row_budgets)
             # finished sequences continue with END only, at no cost
             choose = torch.where(done.unsqueeze(1), torch.full_like(choose, float("-inf")), choose)
             choose[done, self.end] = 0.0
@@ -312,10 +215,7 @@ class LatentPredictor(LatentPredictorBase):
         if codes.size(1) < width:
             codes = F.pad(codes, (0, width - codes.size(1)))
         padding_mask = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
-        scores = model[pick]
-        if predicted is not None:
-            scores = scores + predicted[1][order]
-        return codes.masked_fill(padding_mask, 0), padding_mask, scores
+        return codes.masked_fill(padding_mask, 0), padding_mask, model[pick]
 
 
 def _reorder(encoder_out: Dict, order: Tensor) -> Dict:

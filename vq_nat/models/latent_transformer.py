@@ -83,42 +83,22 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                             "model-weight EMA)")
         g.add_argument("--codebook-epsilon", type=float, metavar="EPS", help="Laplace smoothing of counts (1e-5)")
         g.add_argument("--commitment-beta", type=float, metavar="B", help="commitment loss weight (eq.2; 0.25)")
-        g.add_argument("--num-blocks", type=int, metavar="B",
-                       help="product quantization: slices of the latent, each with its own codebook")
+        g.add_argument("--num-blocks", type=int, metavar="B", help="product quantization: slices, one codebook each")
         g.add_argument("--soft-em-temperature", type=float, metavar="T",
                        help="soft EM: the E-step posterior is softmax(-||z_e - e_j||^2 / T) (paper: 1; with N(0, I) "
                             "codes of dim 128 it is one-hot at T=1 and spread over hundreds of codes at T=30)")
         g.add_argument("--soft-em-anneal-updates", type=int, metavar="N",
-                       help="soft EM: anneal the temperature geometrically from --soft-em-temperature to 1 over the "
-                            "first N updates (0 = constant)")
-        g.add_argument("--codebook-init-std", type=float, metavar="S",
-                       help="initial codes e_j ~ N(0, S^2 I); small S puts the codes near the origin, where soft "
-                            "EM's posterior is spread over many codes (tensor2tensor: about 1/sqrt(K))")
+                       help="soft EM: anneal T geometrically from --soft-em-temperature to 1 over N updates (0: off)")
         g.add_argument("--kmeans-init", action="store_true", help="k-means codebook init on the first batch")
-        g.add_argument("--dead-code-threshold", type=float, metavar="C",
-                       help="re-seed codes whose EMA count falls below C (0 = off, the paper)")
+        g.add_argument("--dead-code-threshold", type=float, metavar="C", help="re-seed codes of EMA count < C (0: off)")
         g.add_argument("--ae-attend-source", action="store_true",
-                       help="the autoencoder's encoder attends to the source (Kaiser et al.; the paper found it "
-                            "unnecessary)")
+                       help="the autoencoder's encoder attends to the source (Kaiser et al.; Roy et al.: unneeded)")
         g.add_argument("--latent-layers", type=int, metavar="N",
                        help="transformer layers of the latent predictor (default: --decoder-layers)")
         g.add_argument("--mask-startup-steps", type=int, metavar="N",
-                       help="decoder-input warm-up: gold target embeddings are replaced by decompressed "
-                            "latents over the first N updates (t2t mask_startup_steps)")
-        g.add_argument("--no-decoder-source-attention", action="store_true",
-                       help="the parallel decoder does not attend to the source: it reconstructs the target from "
-                            "the latents alone, so the latents must carry the translation (beyond the paper)")
+                       help="decoder-input warm-up: gold target embeddings give way to the latents over N updates")
         g.add_argument("--latent-loss-start", type=int, metavar="N",
-                       help="the latent-predictor loss counts only after N updates (default: "
-                            "--mask-startup-steps, as t2t)")
-        g.add_argument("--latent-input-gradient", choices=("stop", "flow"),
-                       help="stop: the latent-predictor loss trains the predictor only (t2t stops the gradient "
-                            "at its input latents); flow: it also trains the autoencoder through the "
-                            "straight-through latents")
-        g.add_argument("--latent-length-prediction", action="store_true",
-                       help="predict the number of latents from the source first (a length classifier, trained "
-                            "with the criterion's --length-loss-factor) and condition the latent predictor on "
-                            "the latents still to come; END comes at the predicted length (beyond the paper)")
+                       help="the latent-predictor loss counts after N updates (default: --mask-startup-steps, as t2t)")
         g.add_argument("--latent-predictor", choices=LATENT_PREDICTORS,
                        help="autoregressive: the paper's latent predictor, one code after the other up to END; "
                             "parallel: the length classifier chooses the number of latents and all codes come "
@@ -128,14 +108,6 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                        help="--latent-predictor parallel: R x (number of wrong codes) reference latents are fed as "
                             "inputs at random positions of each sentence during training, and the loss counts on "
                             "the others (default 0.5; 0 = no glancing)")
-        g.add_argument("--predicted-latent-ratio", type=float, metavar="P",
-                       help="--latent-predictor parallel: in training, the decoder gets the latent predictor's own "
-                            "most probable code instead of the reference latent at a random share P of the latent "
-                            "positions, as it will at inference (0 = off: reference latents only)")
-        g.add_argument("--glancing-ratio", type=float, metavar="R",
-                       help="adaptive glancing (GLAT, Qian et al. 2021) instead of the masking schedule: each "
-                            "update first decodes without gold inputs, then feeds gold target embeddings at "
-                            "R x (number of wrong tokens) random positions of each sentence (0 = off)")
         # fmt: on
 
     @classmethod
@@ -261,9 +233,6 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
             else args.mask_startup_steps
         )
         self.num_updates = 0
-        self.stop_latent_gradient = args.latent_input_gradient == "stop"
-        self.glancing_ratio = args.glancing_ratio
-        self.predicted_latent_ratio = args.predicted_latent_ratio
 
         self.compressor = Compressor(dim, self.nc, dropout=args.dropout)
         self.ae_attention = TransformerDecoderLayer(args) if args.ae_attend_source else None
@@ -279,18 +248,14 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
                 glancing_ratio=0.5 if ratio is None else ratio,
             )
         else:
-            self.latent_predictor = LatentPredictor(
-                args, layers, self.num_codes, self.num_blocks, max_latents,
-                predict_length=args.latent_length_prediction,
-            )
+            self.latent_predictor = LatentPredictor(args, layers, self.num_codes, self.num_blocks, max_latents)
         self.decompressor = Decompressor(dim, self.nc, dropout=args.dropout)
         self.register_buffer(
             "positions",
             SinusoidalPositionalEmbedding.get_embedding(max_latents * self.factor + 2, dim, None),
             persistent=False,
         )
-        self.layers = nn.ModuleList(TransformerDecoderLayer(args, no_encoder_attn=args.no_decoder_source_attention)
-                                    for _ in range(args.decoder_layers))
+        self.layers = nn.ModuleList(TransformerDecoderLayer(args) for _ in range(args.decoder_layers))
         self.layer_norm = LayerNorm(dim) if args.decoder_normalize_before else None
         if args.share_decoder_input_output_embed:
             self.output_projection = None
@@ -321,29 +286,15 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         ae_tokens = tgt if ae_input is None else self.pad_to_multiple(ae_input)
         z_e, latent_pad = self.encode_target(ae_tokens, encoder_out)
         q = self.bottleneck(z_e, padding_mask=latent_pad)
-        masking, glance, guess = self.masking(), None, None
-        if self.training and self.glancing_ratio > 0:
-            glance = self.glancing_mask(q.quantized, latent_pad, encoder_out, target)
-        latents = q.quantized
-        if self.training and self.predicted_latent_ratio > 0:
-            # the decoder learns to read predicted latents: at a random share P of the latent positions it gets
-            # the predictor's most probable code (no gradient) instead of the reference latent
-            guess = self.latent_predictor.guess(latent_pad, encoder_out)  # (B, L, blocks)
-            predicted = self.bottleneck.embed_codes(guess[..., 0] if self.num_blocks == 1 else guess)
-            swap = (torch.rand(latent_pad.shape, device=latents.device) < self.predicted_latent_ratio) & ~latent_pad
-            latents = torch.where(swap.unsqueeze(-1), predicted.detach().to(latents.dtype), latents)
-        features = self.decode(latents, latent_pad, encoder_out, gold=tgt, masking=masking,
-                               features_only=True, length=target.size(1), use_gold=glance)
-        features = features[:, : target.size(1)]
+        masking = self.masking()
+        features = self.decode(q.quantized, latent_pad, encoder_out, gold=tgt, masking=masking,
+                               length=target.size(1))[:, : target.size(1)]
         real = target.ne(self.padding_idx)
-        lp_input = q.quantized.detach() if self.stop_latent_gradient else q.quantized
-        lp_input = lp_input.masked_fill(latent_pad.unsqueeze(-1), 0.0)
+        lp_input = q.quantized.masked_fill(latent_pad.unsqueeze(-1), 0.0)
         samples = sampled_codes(q.codes, latent_pad, self.num_blocks)  # (B, L, blocks, m)
         if self.latent_predictor.parallel:
             # the codes the glancing sampler compares with: each latent's most frequent sampled code
-            reference = mode_codes(samples)
-            lp_logits, glanced = self.latent_predictor(lp_input, latent_pad, encoder_out, reference=reference,
-                                                       guess=guess)
+            lp_logits, glanced = self.latent_predictor(lp_input, latent_pad, encoder_out, reference=mode_codes(samples))
             lp_targets, lp_mask = samples, ~latent_pad & ~glanced  # K codes, no END; glanced positions no target
         else:
             lp_logits = self.latent_predictor(lp_input, latent_pad, encoder_out)
@@ -356,11 +307,11 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
             # the averaged one-hots of the m sampled codes (§3.2) as the m codes themselves: (B, L', blocks, m)
             "lp": {"out": lp_logits, "tgt": lp_targets, "mask": lp_mask, "factor": gate, "acc": True},
         }
-        if self.latent_predictor.predict_length:  # the number of latents of each sentence, from the source
+        if self.latent_predictor.parallel:  # the number of latents of each sentence, from the source
             losses["length"] = {"out": self.latent_predictor.length_logits(encoder_out),
                                 "tgt": (~latent_pad).sum(1), "factor": gate, "acc": True}
         stats = bottleneck_stats(self.bottleneck, q, latent_pad)
-        stats["masking"] = masking if glance is None else 1.0 - float(glance.sum()) / max(int(real.sum()), 1)
+        stats["masking"] = masking
         return {
             "losses": losses,
             "stats": stats,
@@ -396,15 +347,10 @@ def base_architecture(args):
         num_blocks=1,
         soft_em_temperature=1.0,
         soft_em_anneal_updates=0,
-        codebook_init_std=1.0,
         kmeans_init=False,
         dead_code_threshold=0.0,
         ae_attend_source=False,
         mask_startup_steps=50000,
-        no_decoder_source_attention=False,
-        latent_input_gradient="flow",
-        latent_length_prediction=False,
-        glancing_ratio=0.0,
         latent_predictor="autoregressive",
         share_decoder_input_output_embed=True,
         max_source_positions=1024,
@@ -413,7 +359,6 @@ def base_architecture(args):
         latent_layers=None,
         latent_loss_start=None,
         latent_glancing_ratio=None,
-        predicted_latent_ratio=0.0,
     )
     apply_size(args, "base")  # vq_nat.models.presets (fairseq's transformer base: d=512, 6+6 layers)
     transformer_base_architecture(args)

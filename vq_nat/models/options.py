@@ -36,8 +36,16 @@ def _number(args, name: str, low=None, high=None, low_open=False, high_open=Fals
         raise ValueError(f"{option} must be {kind} in {interval}, got {value}")
 
 
+# options removed because the measured results showed no gain, that change the weights of a model trained with them
+REMOVED = ("latent_length_prediction", "no_decoder_source_attention")
+
+
 def check_args(args) -> None:
     """Ranges and interactions of the Latent Transformer's options (after the architecture's defaults)."""
+    for name in REMOVED:
+        if getattr(args, name, False):
+            raise ValueError(f"this latent_transformer checkpoint was trained with --{name.replace('_', '-')}, an "
+                             f"option of vq-nat 0.1 removed since: decode it with that version")
     kind = args.bottleneck
     if args.soft_em_temperature is None or not MIN_TEMPERATURE <= args.soft_em_temperature < float("inf"):
         # T <= 0 would assign every latent to its farthest code; below MIN_TEMPERATURE the scores overflow
@@ -50,11 +58,9 @@ def check_args(args) -> None:
     _number(args, "codebook_decay", 0.0, 1.0, high_open=True)
     _number(args, "codebook_epsilon", 0.0)
     _number(args, "commitment_beta", 0.0)
-    _number(args, "codebook_init_std", 0.0, low_open=True)
     _number(args, "dead_code_threshold", 0.0)
     _number(args, "soft_em_anneal_updates", 0, integer=True)
     _number(args, "mask_startup_steps", 0, integer=True)
-    _number(args, "glancing_ratio", 0.0, 1.0)
     if args.latent_layers is not None:
         _number(args, "latent_layers", 1, integer=True)
     if args.latent_loss_start is not None:
@@ -63,9 +69,6 @@ def check_args(args) -> None:
         _number(args, "latent_glancing_ratio", 0.0, 1.0)
         if args.latent_predictor != "parallel":
             raise ValueError("--latent-glancing-ratio applies to --latent-predictor parallel only")
-    _number(args, "predicted_latent_ratio", 0.0, 1.0)
-    if args.predicted_latent_ratio > 0 and args.latent_predictor != "parallel":
-        raise ValueError("--predicted-latent-ratio applies to --latent-predictor parallel only")
     if args.decoder_embed_dim % args.num_blocks != 0:
         raise ValueError(f"--num-blocks {args.num_blocks} must divide --decoder-embed-dim {args.decoder_embed_dim}")
     if kind in ("gumbel", "semhash") and args.num_blocks != 1:
@@ -88,23 +91,15 @@ def check_args(args) -> None:
     if kind != "em":
         ignored(["num_samples"], f"soft EM's samples per latent; --bottleneck {kind} assigns one code per latent")
     if kind not in ("vq", "em"):
-        ignored(["codebook_update", "codebook_decay", "codebook_epsilon", "commitment_beta", "codebook_init_std",
-                 "kmeans_init", "dead_code_threshold"], f"a VQ codebook option; --bottleneck {kind} has none")
+        ignored(["codebook_update", "codebook_decay", "codebook_epsilon", "commitment_beta", "kmeans_init",
+                 "dead_code_threshold"], f"a VQ codebook option; --bottleneck {kind} has none")
     elif args.codebook_update == "grad":
         ignored(["codebook_decay", "codebook_epsilon", "dead_code_threshold"],
                 "the codebook EMA (M-step) options do nothing under --codebook-update grad")
     if kind in ("vq", "gumbel", "semhash"):
         ignored(["soft_em_temperature"], f"the soft-EM posterior's temperature; --bottleneck {kind} does not sample "
                                          f"(only the logged post_ent / code_info of a VQ codebook are computed at it)")
-    if args.glancing_ratio > 0 and args.latent_loss_start is None and args.mask_startup_steps > 0:
-        logger.warning("--glancing-ratio replaces the decoder-input masking schedule: --mask-startup-steps %d only "
-                       "delays the latent-predictor loss (--latent-loss-start defaults to it); set "
-                       "--latent-loss-start explicitly", args.mask_startup_steps)
-    if args.latent_predictor == "parallel" and args.latent_length_prediction:
-        logger.warning("--latent-length-prediction has no effect: --latent-predictor parallel always predicts the "
-                       "number of latents")
     length_factor = getattr(args, "length_loss_factor", None)  # the criterion's, where fairseq merged the options
-    has_length = args.latent_predictor == "parallel" or args.latent_length_prediction
-    if length_factor is not None and not has_length and length_factor != 0.1:
+    if length_factor is not None and args.latent_predictor != "parallel" and length_factor != 0.1:
         logger.warning("--length-loss-factor %s has no effect: the model has no length classifier (pass "
-                       "--latent-length-prediction or --latent-predictor parallel)", length_factor)
+                       "--latent-predictor parallel)", length_factor)

@@ -20,21 +20,17 @@ _CHUNK_LOGITS = 1 << 20
 
 class ParallelDecoder:
     def decode(self, latents: Tensor, latent_pad: Tensor, encoder_out: Dict, gold: Optional[Tensor] = None,
-               masking: float = 1.0, features_only: bool = False, length: Optional[int] = None,
-               use_gold: Optional[Tensor] = None) -> Tensor:
-        """Latents (B, L, H) -> token logits (B, T, V) in one parallel pass, T = L * 2^nc or ``length`` if
-        smaller (``features_only``: the decoder states (B, T, H) before the output projection).
+               masking: float = 1.0, length: Optional[int] = None) -> Tensor:
+        """Latents (B, L, H) -> decoder states (B, T, H) in one parallel pass (``output_layer`` gives the token
+        logits), T = L * 2^nc or ``length`` if smaller.
 
         Each decompressed position is replaced by the gold target embedding with probability 1 - masking
-        (t2t: ``mask = masking < U``) or where ``use_gold`` (B, <= T) is True (glancing), then shifted right into
-        a causal transformer decoder. The decoder is causal,
+        (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder. The decoder is causal,
         so positions past ``length`` (the batch's longest target, or the decoding budget) would not change the
         earlier ones: they are not computed."""
         d, pad = self.decompress(latents, latent_pad)
-        if gold is not None and use_gold is None and masking < 1.0:
+        if gold is not None and masking < 1.0:
             use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
-        if gold is not None and use_gold is not None:
-            use_gold = F.pad(use_gold, (0, d.size(1) - use_gold.size(1)), value=False)
             d = torch.where(use_gold.unsqueeze(-1), self.embed(gold).to(d.dtype), d)
         x = torch.cat([d.new_zeros(d.size(0), 1, d.size(2)), d[:, :-1]], dim=1)  # shift right
         if length is not None and length < x.size(1):
@@ -47,9 +43,7 @@ class ParallelDecoder:
         for layer in self.layers:
             x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
         x = x.transpose(0, 1)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        return x if features_only else self.output_layer(x)
+        return x if self.layer_norm is None else self.layer_norm(x)
 
     def decompress(self, latents: Tensor, latent_pad: Tensor):
         """``Decompressor`` output (B, L * 2^nc, H) and its padding mask (None: nothing padded)."""
@@ -62,7 +56,7 @@ class ParallelDecoder:
     @torch.no_grad()
     def generate(self, encoder_out: Dict, max_target_len: int, latent_budget: Optional[Tensor] = None,
                  sample: Optional[Tensor] = None, token_budget: Optional[Tensor] = None,
-                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None, end_penalty: float = 0.0,
+                 codes: Optional[Tensor] = None, latent_pad: Optional[Tensor] = None,
                  latent_lengths: Optional[Tensor] = None):
         """Predict the latents with the latent predictor (autoregressive: greedy, cached, early stop at END;
         parallel: one pass; rows flagged in ``sample`` draw their codes instead), then decode all target
@@ -71,7 +65,7 @@ class ParallelDecoder:
 
         ``codes`` (B, L[, blocks]) with their ``latent_pad``: decode these latents instead of predicted ones
         (teacher-forced decoding with ``reference_codes``: the bound a perfect latent predictor would reach);
-        their latent score is 0. ``end_penalty``: see ``LatentPredictor.generate``.
+        their latent score is 0.
 
         Only the positions a hypothesis can use (its latents × 2^nc, at most ``token_budget``) go through the
         output projection and softmax, packed across the batch: the padded remainder of the batch's longest
@@ -81,11 +75,10 @@ class ParallelDecoder:
         (B, L), the codes and the latent log-probabilities (B,)."""
         enc, _ = unpack_encoder_out(encoder_out)
         if codes is None:
+            given = {} if latent_lengths is None else {"lengths": latent_lengths}  # a length beam's
             codes, latent_pad, latent_scores = self.latent_predictor.generate(
                 encoder_out, self.bottleneck.embed_codes, self.latent_limit(max_target_len), enc.size(1),
-                sample=sample,
-                end_penalty=end_penalty, budgets=latent_budget, lengths=latent_lengths,
-            )
+                sample=sample, budgets=latent_budget, **given)
         else:
             if latent_pad is None or latent_pad.shape != codes.shape[:2]:
                 raise ValueError("generate(codes=...) needs their latent padding mask (B, L)")
@@ -99,7 +92,7 @@ class ParallelDecoder:
             span = torch.minimum(span, token_budget)
         spans = span.tolist()
         length = max(spans)
-        features = self.decode(latents, latent_pad, encoder_out, features_only=True, length=length)
+        features = self.decode(latents, latent_pad, encoder_out, length=length)
         if min(spans) == length:  # every row uses every position (always at batch 1): no packing
             best, best_tokens = self.best_tokens(features.reshape(-1, features.size(-1)))
             return best_tokens.view(features.shape[:2]), best.view(features.shape[:2]), latent_pad, codes, \

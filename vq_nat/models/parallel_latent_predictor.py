@@ -16,7 +16,9 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from fairseq.models.nat.nonautoregressive_transformer import _mean_pooling
 from torch import Tensor
 
 from .latent_predictor import LatentPredictorBase, unpack_encoder_out
@@ -40,10 +42,41 @@ class ParallelLatentPredictor(LatentPredictorBase):
 
     def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
                  glancing_ratio: float = 0.5):
-        super().__init__(args, num_layers, num_codes, num_blocks, max_latents, num_codes, predict_length=True)
+        super().__init__(args, num_layers, num_codes, num_blocks, max_latents, num_codes)
         if not 0.0 <= glancing_ratio <= 1.0 or math.isnan(glancing_ratio):
             raise ValueError(f"--latent-glancing-ratio must be in [0, 1], got {glancing_ratio}")
         self.glancing_ratio = glancing_ratio
+        dim = args.decoder_embed_dim
+        self.length_output = nn.Linear(dim, max_latents + 1)  # classes 0..max_latents (0: never a target)
+        self.remaining = nn.Embedding(max_latents + 1, dim)  # L - j for input position j = 0..L
+        nn.init.normal_(self.remaining.weight, std=dim**-0.5)
+
+    def length_logits(self, encoder_out: Dict) -> Tensor:
+        """(B, max_latents + 1) logits of the number of latents, from the mean of the source encoding over its
+        real positions (fairseq NAT's ``forward_length``)."""
+        return self.length_output(_mean_pooling(*unpack_encoder_out(encoder_out)))
+
+    def top_lengths(self, encoder_out: Dict, max_latents: int, budgets: Optional[Tensor] = None,
+                    beam: int = 1) -> Tuple[Tensor, Tensor]:
+        """The ``beam`` most probable numbers of latents in 1..``max_latents`` (each ≤ its sentence's ``budgets``
+        (B,), so that a sentence's latents do not depend on the batch) and their log-probabilities, (B, beam)
+        each, best first. Where fewer lengths are allowed than ``beam``, the surplus has log-probability -inf."""
+        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)[:, 1 : max_latents + 1]
+        if budgets is not None:
+            allowed = torch.arange(1, lprobs.size(1) + 1, device=lprobs.device).unsqueeze(0) <= \
+                budgets.clamp(min=1).unsqueeze(1)
+            lprobs = lprobs.masked_fill(~allowed, float("-inf"))
+        if beam > lprobs.size(1):
+            lprobs = F.pad(lprobs, (0, beam - lprobs.size(1)), value=float("-inf"))
+        best, lengths = lprobs.topk(beam, dim=-1)
+        return (lengths + 1).clamp(max=max_latents), best
+
+    def _embed(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Positions plus the embedding of L - j, the number of latents still to come (a length-aware position,
+        Takase & Okazaki 2019)."""
+        j = torch.arange(x.size(1), device=lengths.device).unsqueeze(0)
+        remaining = self.remaining((lengths.unsqueeze(1) - j).clamp(0, self.max_latents))
+        return self.dropout(self._positioned(x) + remaining.to(x.dtype))
 
     def _inputs(self, encoder_out: Dict, lengths: Tensor, width: int) -> Tensor:
         """(B, width, H): the source encoding copied uniformly onto each sentence's ``lengths`` latent positions
@@ -61,58 +94,47 @@ class ParallelLatentPredictor(LatentPredictorBase):
         return enc[index, batch]
 
     def _pass(self, x: Tensor, latent_padding_mask: Tensor, lengths: Tensor, encoder_out: Dict) -> Tensor:
-        x = self._embed(x, lengths=lengths).transpose(0, 1)
+        x = self._embed(x, lengths).transpose(0, 1)
         enc, enc_mask = unpack_encoder_out(encoder_out)
         for layer in self.layers:
             x, _, _ = layer(x, enc, enc_mask, self_attn_padding_mask=latent_padding_mask)
         return self._logits(x.transpose(0, 1))
 
     def forward(self, latents: Tensor, latent_padding_mask: Tensor, encoder_out: Dict,
-                reference: Optional[Tensor] = None, guess: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                reference: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Logits (B, L, num_blocks, K) of every latent position in one pass, and the (B, L) mask of the glanced
         positions (no loss there). ``latents`` (B, L, H): the reference latents, fed only at glanced positions;
-        ``reference`` (B, L, num_blocks): their codes, to count wrong predictions; ``guess``: the first pass's
-        codes where already computed (``guess``). Glancing happens in training
+        ``reference`` (B, L, num_blocks): their codes, to count wrong predictions. Glancing happens in training
         mode with a ratio > 0 and ``reference`` given; otherwise nothing is glanced."""
         lengths = (~latent_padding_mask).sum(1)
         x = self._inputs(encoder_out, lengths, latents.size(1)).to(latents.dtype)
         glanced = torch.zeros_like(latent_padding_mask)
         if self.training and self.glancing_ratio > 0 and reference is not None:
             with torch.no_grad():
-                guess = self._pass(x, latent_padding_mask, lengths, encoder_out).argmax(-1) if guess is None \
-                    else guess
+                guess = self._pass(x, latent_padding_mask, lengths, encoder_out).argmax(-1)
                 wrong = (guess != reference).any(-1) & ~latent_padding_mask
                 glanced = random_positions(~latent_padding_mask, glancing_count(wrong, self.glancing_ratio))
             x = torch.where(glanced.unsqueeze(-1), latents, x)
         return self._pass(x, latent_padding_mask, lengths, encoder_out), glanced
 
     @torch.no_grad()
-    def guess(self, latent_padding_mask: Tensor, encoder_out: Dict) -> Tensor:
-        """(B, L, num_blocks): the most probable code of every latent position given the reference number of
-        latents, nothing glanced (the first pass of glancing; in training mode, with dropout)."""
-        lengths = (~latent_padding_mask).sum(1)
-        x = self._inputs(encoder_out, lengths, latent_padding_mask.size(1))
-        return self._pass(x, latent_padding_mask, lengths, encoder_out).argmax(-1)
-
-    @torch.no_grad()
-    def generate(
-        self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
-        sample: Optional[Tensor] = None, temperature: float = 1.0, end_penalty: float = 0.0,
-        budgets: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    def generate(self, encoder_out: Dict, embed_codes, max_latents: int, batch_size: int,
+                 sample: Optional[Tensor] = None, budgets: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
         """One pass: the length classifier's number of latents (at most ``budgets`` (B,); or ``lengths`` (B,) where
         given, a length beam), then every code at once -- the most probable, or for the rows where ``sample`` (B,)
-        is True drawn from softmax(logits / temperature) (noisy parallel decoding). Same signature and returns as
-        ``LatentPredictor.generate``: codes, latent padding mask, and the model's own log-probability of the
-        length plus the codes."""
-        lengths, length_lp = self._lengths(encoder_out, max_latents, end_penalty, budgets, lengths)
+        is True drawn from the softmax (noisy parallel decoding). Returns, as ``LatentPredictor.generate``: codes,
+        latent padding mask, and the model's own log-probability of the length plus the codes."""
+        if lengths is None:
+            lengths, length_lp = (t[:, 0] for t in self.top_lengths(encoder_out, max_latents, budgets))
+        else:
+            length_lp = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1).gather(1, lengths[:, None])[:, 0]
         width = int(lengths.max())
         pad = torch.arange(width, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
         x = self._inputs(encoder_out, lengths, width)
         lprobs = F.log_softmax(self._pass(x, pad, lengths, encoder_out).float(), dim=-1)  # (B, L, blocks, K)
         codes = lprobs.argmax(-1)
         if sample is not None:
-            drawn = torch.multinomial(F.softmax(lprobs.flatten(0, 2) / temperature, dim=-1), 1).view_as(codes)
+            drawn = torch.multinomial(F.softmax(lprobs.flatten(0, 2), dim=-1), 1).view_as(codes)
             codes = torch.where(sample.view(-1, 1, 1), drawn, codes)
         chosen = lprobs.gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B, L)
         scores = chosen.masked_fill(pad, 0.0).sum(1) + length_lp

@@ -71,20 +71,10 @@ class GumbelSoftmaxQuantizer(nn.Module):
         random_temperature_prob: probability (per forward) of using tau ~ U(0.5, 1) instead (0.1 in t2t).
     """
 
-    def __init__(
-        self,
-        num_codes: int,
-        dim: int,
-        temperature_start: float = 1.19,
-        temperature_min: float = 0.2,
-        anneal_steps: int = 150000,
-        kl_weight: float = 0.002,
-        diversity_weight: float = 5.0,
-        hard: bool = True,
-        noise_scale: float = 0.5,
-        noise_warmup_steps: Optional[int] = None,
-        random_temperature_prob: float = 0.1,
-    ):
+    def __init__(self, num_codes: int, dim: int, temperature_start: float = 1.19, temperature_min: float = 0.2,
+                 anneal_steps: int = 150000, kl_weight: float = 0.002, diversity_weight: float = 5.0,
+                 hard: bool = True, noise_scale: float = 0.5, noise_warmup_steps: Optional[int] = None,
+                 random_temperature_prob: float = 0.1):
         super().__init__()
         owner = type(self).__name__
         check_int(owner, "num_codes", num_codes, 2)
@@ -179,7 +169,7 @@ class GumbelSoftmaxQuantizer(nn.Module):
         return QuantizerOutput(
             quantized=z_q.to(z_e.dtype).reshape(*lead, self.dim),
             codes=codes.reshape(lead),
-            targets=one_hot.reshape(*lead, k),
+            make_targets=lambda: one_hot.reshape(*lead, k),
             loss=loss,
             perplexity=perplexity,
             codes_used=codes_used,

@@ -1,73 +1,48 @@
 """The one named output structure shared by every discrete bottleneck in ``vq_nat.modules``."""
-from typing import Callable, Iterator, Optional, Tuple, Union
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
 
 import torch
 
 
+@dataclass
 class QuantizerOutput:
     """What every bottleneck returns (same call shape: ``out = bottleneck(z_e, padding_mask=None)``).
 
     quantized:  (..., dim) forward value z_q, gradient straight-through to z_e (where the method has one).
     codes:      discrete codes. Hard assignment: (...) long (``(..., num_blocks)`` with product
                 quantization); soft EM: (..., m) sampled indices (``(..., num_blocks, m)``).
-    targets:    (..., num_codes) float distribution over codes (``(..., num_blocks, num_codes)`` with
-                product quantization): one-hot for hard assignment, average of the m one-hots for soft EM.
-                It is the latent predictor's training target. A bottleneck may pass a function instead of the
-                tensor: it is then built on first access only (an image autoencoder never reads it, and at
-                N positions x K codes it would be the largest tensor of the step).
     loss:       scalar auxiliary loss (commitment, codebook, KL...), mean over non-padding positions.
     perplexity: scalar, exp(entropy) of the code-usage distribution over the non-padding positions of
                 this batch (averaged over blocks).
     codes_used: scalar, fraction of the codes used at least once in this batch (averaged over blocks).
     posterior_entropy: scalar or None, mean entropy (nats) of the E-step posterior q(code | z_e) over the
                 non-padding positions (VQ bottlenecks: softmax(-||z_e - e_j||^2 / T); 0 when it is one-hot,
-                where soft EM draws the same code m times and is hard EM). Not part of the tuple unpacking.
+                where soft EM draws the same code m times and is hard EM).
     information: scalar or None, I(position; code) in nats over the non-padding positions of this batch:
                 H(mean posterior) - mean H(posterior) (VQ bottlenecks, of the same posterior as
                 posterior_entropy, also for hard EM; averaged over blocks). log(perplexity) when the posterior
                 is one-hot; near 0 when every position has the same posterior, however many codes that spreads
                 over (collapse that code perplexity does not show).
-
-    Unpacks like a tuple in this order: ``quantized, codes, targets, loss, perplexity, codes_used = out``.
+    targets:    (property) (..., num_codes) float distribution over codes (``(..., num_blocks, num_codes)`` with
+                product quantization): one-hot for hard assignment, average of the m one-hots for soft EM. Built
+                by ``make_targets`` on first access only (an image autoencoder never reads it, and at N positions
+                x K codes it would be the largest tensor of the step).
     """
 
-    _fields = ("quantized", "codes", "targets", "loss", "perplexity", "codes_used")
-    __slots__ = ("quantized", "codes", "_targets", "loss", "perplexity", "codes_used", "posterior_entropy",
-                 "information")
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    loss: torch.Tensor
+    perplexity: torch.Tensor
+    codes_used: torch.Tensor
+    make_targets: Callable[[], torch.Tensor] = field(repr=False)
+    posterior_entropy: Optional[torch.Tensor] = None
+    information: Optional[torch.Tensor] = None
 
-    def __init__(self, quantized: torch.Tensor, codes: torch.Tensor,
-                 targets: Union[torch.Tensor, Callable[[], torch.Tensor]], loss: torch.Tensor,
-                 perplexity: torch.Tensor, codes_used: torch.Tensor,
-                 posterior_entropy: Optional[torch.Tensor] = None, information: Optional[torch.Tensor] = None):
-        self.quantized = quantized
-        self.codes = codes
-        self._targets = targets
-        self.loss = loss
-        self.perplexity = perplexity
-        self.codes_used = codes_used
-        self.posterior_entropy = posterior_entropy
-        self.information = information
-
-    @property
+    @functools.cached_property
     def targets(self) -> torch.Tensor:
-        if callable(self._targets):
-            self._targets = self._targets()
-        return self._targets
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return (getattr(self, name) for name in self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return tuple(getattr(self, name) for name in self._fields[i])
-        return getattr(self, self._fields[i])  # reads (and builds) the targets only for index 2
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in ("quantized", "codes"))
-        return f"QuantizerOutput({shapes}, loss={float(self.loss):.4g})"
+        return self.make_targets()
 
 
 def distinct_samples(codes: torch.Tensor) -> torch.Tensor:

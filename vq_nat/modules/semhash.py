@@ -120,7 +120,7 @@ class SemanticHashingQuantizer(nn.Module):
             quantized=z_q.to(z_e.dtype).reshape(*lead, self.dim),
             codes=codes.reshape(lead),
             # one-hot over 2**num_bits codes, built only when read (N x K: the largest tensor of the step)
-            targets=lambda: F.one_hot(codes, self.num_codes).float().reshape(*lead, self.num_codes),
+            make_targets=lambda: F.one_hot(codes, self.num_codes).float().reshape(*lead, self.num_codes),
             loss=torch.zeros((), device=z_e.device),  # t2t semhash adds no auxiliary loss
             perplexity=perplexity,
             codes_used=codes_used,

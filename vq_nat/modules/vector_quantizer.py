@@ -45,10 +45,6 @@ class VectorQuantizer(nn.Module):
         temperature: soft-EM temperature dividing the logits (1 = the paper).
         anneal_updates: soft EM: anneal the temperature geometrically from ``temperature`` to 1 over this many
             updates (``set_num_updates``; 0 = constant); the current value is saved with the module.
-        init_std: standard deviation of the initial codes, e_j ~ N(0, init_std^2 I). At 1 (codes on the scale of
-            layer-normalised z_e) the T=1 posterior is nearly one-hot at the start; small codes near the origin
-            (tensor2tensor's uniform-unit-scaling init has std 1/sqrt(K)) give soft EM a posterior spread over
-            many codes, while hard EM's argmin still picks a few.
         kmeans_init: initialise the codebook by k-means on the first training batch (beyond the paper).
         dead_code_threshold: after each EMA update, codes whose EMA count is below this are re-seeded with
             random encoder outputs of the batch and their EMA state reset (beyond the paper; 0 = off).
@@ -61,24 +57,10 @@ class VectorQuantizer(nn.Module):
         check_choice(cls.__name__, "bottleneck", bottleneck, ("vq", "em"))
         return cls(dim=dim, assignment="hard" if bottleneck == "vq" else "soft", **settings)
 
-    def __init__(
-        self,
-        num_codes: int,
-        dim: int,
-        assignment: str = "hard",
-        num_samples: int = 10,
-        update: str = "ema",
-        decay: float = 0.999,
-        epsilon: float = 1e-5,
-        beta: float = 0.25,
-        num_blocks: int = 1,
-        temperature: float = 1.0,
-        anneal_updates: int = 0,
-        init_std: float = 1.0,
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0,
-    ):
+    def __init__(self, num_codes: int, dim: int, assignment: str = "hard", num_samples: int = 10,
+                 update: str = "ema", decay: float = 0.999, epsilon: float = 1e-5, beta: float = 0.25,
+                 num_blocks: int = 1, temperature: float = 1.0, anneal_updates: int = 0, kmeans_init: bool = False,
+                 kmeans_iters: int = 10, dead_code_threshold: float = 0.0):
         super().__init__()
         owner = type(self).__name__
         check_choice(owner, "assignment", assignment, ("hard", "soft"))
@@ -91,7 +73,6 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"{owner}: dim={dim} is not divisible by num_blocks={num_blocks}; pick num_blocks "
                              f"among the divisors of dim")
         check_float(owner, "decay", decay, 0.0, 1.0, high_open=True)
-        check_float(owner, "init_std", init_std, 0.0, low_open=True)
         # T <= 0 would pick the farthest codes
         # below MIN_TEMPERATURE the scaled scores 2 s_ij / T overflow float32; T -> 0 is hard EM (assignment="hard")
         check_float(owner, "temperature", temperature, MIN_TEMPERATURE)
@@ -124,8 +105,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
 
-        # e_j ~ N(0, init_std^2 I)
-        init = torch.randn(num_blocks, num_codes, self.block_dim) * init_std
+        # e_j ~ N(0, I): on the scale of a layer-normalised z_e (at T=1 the posterior is then nearly one-hot)
+        init = torch.randn(num_blocks, num_codes, self.block_dim)
         if update == "grad":
             self.embed = nn.Parameter(init)
         else:
@@ -246,7 +227,7 @@ class VectorQuantizer(nn.Module):
             t = t.reshape(*lead, b, k)
             return t.squeeze(-2) if b == 1 else t
 
-        return QuantizerOutput(quantized, codes_out, targets, loss, perplexity, codes_used,
+        return QuantizerOutput(quantized, codes_out, loss, perplexity, codes_used, make_targets=targets,
                                posterior_entropy=posterior_entropy, information=information)
 
     # ------------------------------------------------------------------ internals

@@ -46,11 +46,6 @@ class LatentTranslationConfig(TranslationConfig):
                                      "parallel): decode the l most probable latent lengths of each sentence in one "
                                      "batch and keep the hypothesis with the best mean token log-probability"}
     )
-    latent_end_penalty: float = field(
-        default=0.0, metadata={"help": "subtract P from the latent predictor's log-probability of END when "
-                                       "choosing: P > 0 gives longer latent sequences and translations, P < 0 "
-                                       "shorter (choose on valid, as fairseq's --lenpen)"}
-    )
     oracle_latents: bool = field(
         default=False, metadata={"help": "teacher-forced decoding: decode the autoencoder's own latents of the "
                                          "reference instead of the predicted ones (an upper bound on what a "
@@ -136,7 +131,6 @@ class LatentTranslationTask(TranslationTask):
             npd_teacher=teacher,
             oracle_latents=self.cfg.oracle_latents,
             latent_beam=self.cfg.latent_beam,
-            latent_end_penalty=self.cfg.latent_end_penalty,
             length_beam=self.cfg.latent_length_beam,
         )
         for model in models[:1]:
