@@ -1,33 +1,22 @@
 """Non-autoregressive generator of the Latent Transformer, returned by ``latent_translation.build_generator``.
 
-encode x -> predict the latents (autoregressive predictor: greedy, cached incremental decoding, early stop per
-sentence at the end-of-latents symbol; parallel predictor: the length classifier's number of latents, then one
-pass) -> one parallel decoder pass over the decompressed span -> cut at the first EOS. Returns fairseq
-hypothesis dicts, so ``fairseq-generate`` prints its usual S/T/H/D/P lines and ``--scoring sacrebleu``,
-``--remove-bpe``, ``--batch-size`` and ``fairseq-interactive`` behave as usual.
+encode x -> predict the latents (autoregressive predictor: greedy, cached, early stop per sentence at END;
+parallel predictor: the length classifier's number of latents, then one pass) -> one parallel decoder pass over
+the decompressed span -> cut at the first EOS. Returns fairseq hypothesis dicts, so ``fairseq-generate`` /
+``fairseq-interactive`` and their ``--scoring``, ``--remove-bpe``, ``--batch-size`` behave as usual.
 
-Noisy parallel decoding (NPD, Gu et al. 2018; the paper's Table 1 NPD rows), ``npd_candidates`` = k > 1: every
-sentence gets k latent sequences -- the greedy one plus k - 1 drawn from the latent predictor -- which are
-decoded together in the same parallel pass (a batch of B·k); the autoregressive ``npd_teacher`` scores the
-candidates in one teacher-forced pass and the candidate with the best mean token log-probability under the
-teacher is returned. Without a teacher the model rescores its own candidates: the one with the best mean
-log-probability of its emitted tokens is returned (no AR model at inference). Sampled latents often decode to the same tokens: the teacher scores each distinct
-(sentence, candidate) once, through its own encoder and decoder (``extract_features`` + ``output_layer``),
-encoding each source once and projecting only real positions onto the vocabulary.
-Hypothesis dicts are built for the returned candidates only. k = 1 is plain greedy decoding.
-
-Latent beam search (``latent_beam`` = k > 1, ``--latent-beam``): the k best latent sequences of the latent
-predictor (``LatentPredictor.beam_search``) instead of greedy ones; the best by latent score is decoded, or, with
-``npd_teacher``, all k are decoded in one parallel pass and the teacher picks as for NPD.
-
-Length beam (``length_beam`` = l > 1, ``--latent-length-beam``; models with a length classifier,
-``--latent-predictor parallel``): the l most probable numbers of latents of every sentence are each predicted and
-decoded, all in one batch of B·l rows, and the hypothesis with the best mean log-probability of its emitted tokens
-is returned (the model's own score, as fairseq NAT's ``--iter-decode-with-beam``); l = 1 is plain decoding.
-
-Teacher-forced decoding (``oracle_latents``, ``--oracle-latents``): the latents are the autoencoder's own codes
-of the reference (``LatentDecoder.reference_codes``) instead of the predicted ones; the BLEU it gives bounds what
-a perfect latent predictor would reach (the y-axis of the paper's Figure 3).
+- Noisy parallel decoding (Gu et al. 2018; the paper's NPD rows), ``npd_candidates`` = k > 1: the greedy latents
+  plus k - 1 sampled ones per sentence, decoded in one pass (B·k rows); the ``npd_teacher`` (autoregressive)
+  keeps the candidate with its best mean token log-probability, scoring each distinct (sentence, candidate) once
+  in one teacher-forced pass; without a teacher, the LT's own mean token log-probability decides.
+- Latent beam search, ``latent_beam`` = k > 1 (``LatentPredictor.beam_search``): the best of the k best latent
+  sequences by latent score, or with ``npd_teacher`` all k decoded in one pass and picked as for NPD.
+- Length beam, ``length_beam`` = l > 1 (``--latent-predictor parallel``): the l most probable numbers of latents,
+  decoded in one batch of B·l rows; the best mean token log-probability wins (fairseq NAT's
+  ``--iter-decode-with-beam``).
+- Teacher-forced decoding, ``oracle_latents``: the autoencoder's own codes of the reference
+  (``LatentDecoder.reference_codes``); its BLEU bounds what a perfect latent predictor would reach (the y-axis of
+  the paper's Figure 3).
 """
 import logging
 import math

@@ -29,6 +29,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.dataclass import FairseqDataclass
 
 from ..models.bottleneck import mode_codes
+from ..modules.checks import check_float
 
 # statistics averaged over batches (the others over the real latents, ``nreal_latents``)
 _PER_BATCH = {"code_ppl": 1, "codes_used": 3, "code_info": 3, "masking": 3}
@@ -69,12 +70,9 @@ class LatentVQCriterionConfig(FairseqDataclass):
 class LatentVQCriterion(FairseqCriterion):
     def __init__(self, task, label_smoothing=0.0, latent_loss_weight=1.0, length_loss_factor=0.1):
         super().__init__(task)
-        for name, value, high in (("label_smoothing", label_smoothing, 1.0),
-                                  ("latent_loss_weight", latent_loss_weight, math.inf),
-                                  ("length_loss_factor", length_loss_factor, math.inf)):
-            if not (0.0 <= value < high and math.isfinite(value)):
-                interval = "[0, 1)" if high == 1.0 else "[0, inf)"
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {interval}, got {value}")
+        check_float("latent_vq", "--label-smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+        check_float("latent_vq", "--latent-loss-weight", latent_loss_weight, 0.0)
+        check_float("latent_vq", "--length-loss-factor", length_loss_factor, 0.0)
         self.eps = label_smoothing
         self.latent_loss_weight = latent_loss_weight
         self.length_loss_factor = length_loss_factor

@@ -20,7 +20,6 @@ predictor instead of being fixed at 2x the source length; the decoder emits EOS 
 """
 import logging
 import math
-import zlib
 from typing import Dict, Optional
 
 import torch
@@ -47,6 +46,7 @@ from .options import check_args
 from .parallel_decoder import ParallelDecoder
 from .parallel_latent_predictor import ParallelLatentPredictor
 from .presets import apply_size
+from .signature import check_signature, signature
 
 logger = logging.getLogger(__name__)
 
@@ -115,19 +115,16 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
         base_architecture(args)
         check_args(args)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+        if args.encoder_embed_dim != args.decoder_embed_dim:
+            raise ValueError("the latent transformer needs --encoder-embed-dim == --decoder-embed-dim")
+        if args.share_all_embeddings and src_dict != tgt_dict:
+            raise ValueError("--share-all-embeddings requires a joined dictionary")
+        enc_emb = TransformerModel.build_embedding(args, src_dict, args.encoder_embed_dim)
         if args.share_all_embeddings:
-            if src_dict != tgt_dict:
-                raise ValueError("--share-all-embeddings requires a joined dictionary")
-            if args.encoder_embed_dim != args.decoder_embed_dim:
-                raise ValueError("--share-all-embeddings requires --encoder-embed-dim == --decoder-embed-dim")
-            enc_emb = TransformerModel.build_embedding(args, src_dict, args.encoder_embed_dim)
             dec_emb = enc_emb
             args.share_decoder_input_output_embed = True
         else:
-            enc_emb = TransformerModel.build_embedding(args, src_dict, args.encoder_embed_dim)
             dec_emb = TransformerModel.build_embedding(args, tgt_dict, args.decoder_embed_dim)
-        if args.encoder_embed_dim != args.decoder_embed_dim:
-            raise ValueError("the latent transformer needs --encoder-embed-dim == --decoder-embed-dim")
         encoder = TransformerEncoder(args, src_dict, enc_emb)
         decoder = LatentDecoder(args, tgt_dict, dec_emb)
         max_update = getattr(args, "max_update", 0) or 0
@@ -169,45 +166,6 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
                 "architecture, other sizes, or options that add or remove state such as --soft-em-anneal-updates: "
                 f"pass the options it was trained with): {str(e)[:2000]}"
             ) from e
-
-
-SIGNED_OPTIONS = ("bottleneck", "codebook_update", "num_codes", "num_blocks", "num_compress_steps",
-                  "latent_predictor")
-
-
-def signature(args, src_dict, tgt_dict, langs=None):
-    """[crc32 of the source language and symbols, of the target language and symbols, of the latent options in
-    ``SIGNED_OPTIONS``] (a joined dictionary has the same symbols on both sides: the languages tell the direction;
-    ``langs`` None: the symbols only, the format of the first signed checkpoints)."""
-    def crc(*parts):
-        return zlib.crc32("\n".join(map(str, parts)).encode("utf-8"))
-
-    options = " ".join(f"{k}={getattr(args, k, None)}" for k in SIGNED_OPTIONS)
-    if langs is None:
-        return [crc(*src_dict.symbols), crc(*tgt_dict.symbols), crc(options)]
-    return [crc(langs[0], *src_dict.symbols), crc(langs[1], *tgt_dict.symbols), crc(options)]
-
-
-def check_signature(state_dict, own: Tensor, args, unsided: Optional[Tensor] = None):
-    """A checkpoint trained on other dictionaries (of the same size: the weights would load) is an error; one
-    trained with other latent options (``SIGNED_OPTIONS``, e.g. resuming with another ``--bottleneck``) a warning.
-    Checkpoints from before the signature get this model's own."""
-    theirs = state_dict.get("signature")
-    if theirs is None:
-        return {**state_dict, "signature": own.clone()}
-    theirs = theirs.to(own.device)
-    if unsided is not None and torch.equal(theirs[:2], unsided[:2].to(own.device)):
-        theirs = torch.cat([own[:2], theirs[2:]])  # a checkpoint signed without the languages: its symbols match
-    for i, side in enumerate(("source", "target")):
-        if theirs[i] != own[i]:
-            raise ValueError(f"this latent_transformer checkpoint was trained with another {side} language or "
-                             f"dictionary (the same size, other symbols or the other direction): pass the binarized "
-                             f"data directory and the -s / -t it was trained with")
-    if theirs[2] != own[2]:
-        logger.warning("this latent_transformer checkpoint was trained with other latent options than %s: its "
-                       "weights now run under these settings (resuming? pass the options it was trained with)",
-                       ", ".join(f"--{k.replace('_', '-')} {getattr(args, k, None)}" for k in SIGNED_OPTIONS))
-    return state_dict
 
 
 class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecoder):
@@ -275,7 +233,7 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         lp      the latent predictor's CE against the averaged one-hots of the m sampled codes (§3.2), given as
                 the codes: ``out`` (B, L', blocks, S), ``tgt`` (B, L', blocks, m), ``mask`` (B, L'); autoregressive:
                 L' = L + 1 with END (S = K + 1); parallel: glanced positions masked (S = K)
-        length  (with a length classifier) CE of each sentence's number of latents: ``out`` (B, max + 1), ``tgt`` (B,)
+        length  (parallel predictor) CE of each sentence's number of latents: ``out`` (B, max + 1), ``tgt`` (B,)
 
         ``factor`` of lp and length: the gate g(t) (``latent_gate``). ``stats``: ``bottleneck_stats`` and the
         share of decoder inputs that are latents, ``masking``."""

@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 
+from ..modules.checks import check_float, check_int
 from ..modules.vector_quantizer import MIN_TEMPERATURE
 
 logger = logging.getLogger(__name__)
@@ -18,22 +19,6 @@ def _preset(arch: str) -> argparse.Namespace:
     defaults = argparse.Namespace()
     ARCH_CONFIG_REGISTRY[arch](defaults)
     return defaults
-
-
-def _number(args, name: str, low=None, high=None, low_open=False, high_open=False, integer=False):
-    value = getattr(args, name)
-    option = "--" + name.replace("_", "-")
-    bad = value is None or (isinstance(value, float) and not math.isfinite(value))
-    bad = bad or (integer and int(value) != value)
-    bad = bad or (low is not None and (value <= low if low_open else value < low))
-    bad = bad or (high is not None and (value >= high if high_open else value > high))
-    if bad:
-        lo = "-inf" if low is None else str(low)
-        hi = "inf" if high is None else str(high)
-        interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + \
-            (")" if high_open or high is None else "]")
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"{option} must be {kind} in {interval}, got {value}")
 
 
 # options removed because the measured results showed no gain, that change the weights of a model trained with them
@@ -51,22 +36,23 @@ def check_args(args) -> None:
         # T <= 0 would assign every latent to its farthest code; below MIN_TEMPERATURE the scores overflow
         raise ValueError(f"--soft-em-temperature must be a finite number >= {MIN_TEMPERATURE:g} (T -> 0 is "
                          f"--bottleneck vq), got {args.soft_em_temperature}")
-    _number(args, "num_compress_steps", 0, 16, integer=True)
-    _number(args, "num_codes", 2, 2 ** 24, integer=True)
-    _number(args, "num_samples", 1, integer=True)
-    _number(args, "num_blocks", 1, integer=True)
-    _number(args, "codebook_decay", 0.0, 1.0, high_open=True)
-    _number(args, "codebook_epsilon", 0.0)
-    _number(args, "commitment_beta", 0.0)
-    _number(args, "dead_code_threshold", 0.0)
-    _number(args, "soft_em_anneal_updates", 0, integer=True)
-    _number(args, "mask_startup_steps", 0, integer=True)
+    owner = "latent_transformer"
+    check_int(owner, "--num-compress-steps", args.num_compress_steps, 0, 16)
+    check_int(owner, "--num-codes", args.num_codes, 2, 2 ** 24)
+    check_int(owner, "--num-samples", args.num_samples, 1)
+    check_int(owner, "--num-blocks", args.num_blocks, 1)
+    check_float(owner, "--codebook-decay", args.codebook_decay, 0.0, 1.0, high_open=True)
+    check_float(owner, "--codebook-epsilon", args.codebook_epsilon, 0.0)
+    check_float(owner, "--commitment-beta", args.commitment_beta, 0.0)
+    check_float(owner, "--dead-code-threshold", args.dead_code_threshold, 0.0)
+    check_int(owner, "--soft-em-anneal-updates", args.soft_em_anneal_updates, 0)
+    check_int(owner, "--mask-startup-steps", args.mask_startup_steps, 0)
     if args.latent_layers is not None:
-        _number(args, "latent_layers", 1, integer=True)
+        check_int(owner, "--latent-layers", args.latent_layers, 1)
     if args.latent_loss_start is not None:
-        _number(args, "latent_loss_start", -1, integer=True)
+        check_int(owner, "--latent-loss-start", args.latent_loss_start, -1)
     if args.latent_glancing_ratio is not None:
-        _number(args, "latent_glancing_ratio", 0.0, 1.0)
+        check_float(owner, "--latent-glancing-ratio", args.latent_glancing_ratio, 0.0, 1.0)
         if args.latent_predictor != "parallel":
             raise ValueError("--latent-glancing-ratio applies to --latent-predictor parallel only")
     if args.decoder_embed_dim % args.num_blocks != 0:

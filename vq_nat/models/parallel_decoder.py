@@ -60,8 +60,8 @@ class ParallelDecoder:
                  latent_lengths: Optional[Tensor] = None):
         """Predict the latents with the latent predictor (autoregressive: greedy, cached, early stop at END;
         parallel: one pass; rows flagged in ``sample`` draw their codes instead), then decode all target
-        positions in one parallel pass. ``latent_lengths`` (B,): the numbers of latents to predict (a length beam;
-        models with a length classifier).
+        positions in one parallel pass. ``latent_lengths`` (B,): the numbers of latents to predict (a length beam
+        of the parallel predictor).
 
         ``codes`` (B, L[, blocks]) with their ``latent_pad``: decode these latents instead of predicted ones
         (teacher-forced decoding with ``reference_codes``: the bound a perfect latent predictor would reach);

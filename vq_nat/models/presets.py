@@ -6,7 +6,8 @@ autoregressive teachers and the scripts (``scripts/train-teacher.sh --size``, ``
     base  d=512, ffn 2048, 8 heads, 6+6 layers  (the paper's Table 1 model: the transformer base of Vaswani et al.)
 
 The sizes are plain Python (no fairseq needed to read them: ``size_flags("base")``; scripts/experiments.py reads
-this file without importing fairseq). When fairseq is loaded, the module also registers autoregressive teacher archs of fairseq's ``transformer`` model with these sizes:
+this file without importing fairseq). When fairseq is loaded, the module also registers autoregressive teacher
+archs of fairseq's ``transformer`` model with these sizes:
 
     transformer_teacher_tiny       the tiny size
     transformer_teacher_tiny_e6d1  the tiny width with 6 encoder and 1 decoder layers (deep encoder, shallow

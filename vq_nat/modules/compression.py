@@ -57,11 +57,9 @@ def upsample_mask(padding_mask: Optional[torch.Tensor], steps: int) -> Optional[
 
 
 def conv_btc(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv`` applied to batch-first ``x`` (B, T, C_in) -> (B, T', C_out): ``conv(x.transpose(1, 2))`` transposed
-    back, computed as a 2-D convolution in channels-last layout, whose (B, C, 1, T) view of ``x`` is ``x`` itself
-    and whose output is (B, T', C) contiguous (no transposed copies)."""
-    if conv.dilation != (1,) or conv.groups != 1 or conv.padding_mode != "zeros":
-        return conv(x.transpose(1, 2)).transpose(1, 2)
+    """``conv`` (no dilation or groups, zero padding) applied to batch-first ``x`` (B, T, C_in) -> (B, T', C_out):
+    ``conv(x.transpose(1, 2))`` transposed back, computed as a 2-D convolution in channels-last layout, whose
+    (B, C, 1, T) view of ``x`` is ``x`` itself and whose output is (B, T', C) contiguous (no transposed copies)."""
     (s,), (p,) = conv.stride, conv.padding
     weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
     out = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), weight, conv.bias, stride=(1, s), padding=(0, p))

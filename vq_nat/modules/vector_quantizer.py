@@ -182,7 +182,7 @@ class VectorQuantizer(nn.Module):
 
         # z_q: hard e_k; soft eq.12: mean of the m sampled embeddings. Gathered from the current codebook
         # (after the EMA step, as in tensor2tensor), with gradient to the codebook when update == "grad".
-        z_q = self._mean_embedding(samples).reshape(z_e.shape)  # fp32
+        z_q = self._mean_embedding(flat, m).reshape(z_e.shape)  # fp32
         ze32 = z_e.float()
         if real is None:
             def sq_err(a, c):
@@ -274,14 +274,6 @@ class VectorQuantizer(nn.Module):
                     out[i : i + rows, j] = torch.multinomial(weights, m, replacement=True)
         return out, entropy, posterior_sum
 
-    @staticmethod
-    def _distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """||z_e - e_j||^2 = ||z_e||^2 - 2 z_e . e_j + ||e_j||^2, (N, B, d) x (B, K, d) -> (N, B, K), for k-means
-        initialisation (one batched GEMM with the squared norms as its bias)."""
-        xb = x.transpose(0, 1)  # (B, N, d)
-        sq = (xb * xb).sum(-1, keepdim=True) + (codebook * codebook).sum(-1).unsqueeze(1)  # (B, N, K)
-        return torch.baddbmm(sq, xb, codebook.transpose(1, 2), alpha=-2.0).transpose(0, 1).clamp_(min=0.0)
-
     def _sample_counts(self, samples: torch.Tensor, weight: torch.Tensor):
         """Counts sum_i w_ij of each code over this batch (w_ij = share of position i's m draws that are j, 0 for
         padding), plus the flat sample indices into the (B*K) codebook and their weights."""
@@ -292,17 +284,11 @@ class VectorQuantizer(nn.Module):
         counts = torch.zeros(b * self.num_codes, device=samples.device).index_add_(0, flat, w)
         return counts, flat, w
 
-    def _mean_embedding(self, samples: torch.Tensor) -> torch.Tensor:
-        """(N, B, m) indices -> (N, B, d) mean of the sampled code embeddings (eq.12), via embedding_bag."""
-        n, b, m = samples.shape
-        offsets = (torch.arange(b, device=samples.device) * self.num_codes).view(1, b, 1)
-        flat_idx = (samples + offsets).reshape(n * b, m)
+    def _mean_embedding(self, flat: torch.Tensor, m: int) -> torch.Tensor:
+        """(N*B*m,) flat indices into the (B*K) codebook -> (N*B, d) mean of each position's m sampled code
+        embeddings (eq.12), via embedding_bag."""
         weight = self.embed.reshape(-1, self.block_dim).float()
-        if m == 1:
-            out = F.embedding(flat_idx.squeeze(1), weight)
-        else:
-            out = F.embedding_bag(flat_idx, weight, mode="mean")
-        return out.view(n, b, self.block_dim)
+        return F.embedding(flat, weight) if m == 1 else F.embedding_bag(flat.view(-1, m), weight, mode="mean")
 
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> None:
@@ -391,7 +377,8 @@ class VectorQuantizer(nn.Module):
             cb[:, j] = xb[torch.arange(b), pick]
             nearest = torch.minimum(nearest, ((xb - cb[:, j : j + 1]) ** 2).sum(-1))
         for _ in range(self.kmeans_iters):
-            assign = self._distances(x, cb).argmin(-1)  # (N, B)
+            self.embed.data.copy_(cb)  # the nearest codes of eq.1 by the E-step's own computation
+            assign = self._e_step(x, sample=False, weight=None)[0][..., 0]  # (N, B)
             onehot = F.one_hot(assign, k).float().transpose(0, 1)  # (B, N, K)
             counts = onehot.sum(1)  # (B, K)
             sums = torch.bmm(onehot.transpose(1, 2), x.transpose(0, 1))  # (B, K, d)

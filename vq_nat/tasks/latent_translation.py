@@ -42,7 +42,7 @@ class LatentTranslationConfig(TranslationConfig):
                                      "score, or with --npd-teacher all k in one parallel pass, the teacher picking"}
     )
     latent_length_beam: int = field(
-        default=1, metadata={"help": "length beam (models with a length classifier, e.g. --latent-predictor "
+        default=1, metadata={"help": "length beam (models with a length classifier: --latent-predictor "
                                      "parallel): decode the l most probable latent lengths of each sentence in one "
                                      "batch and keep the hypothesis with the best mean token log-probability"}
     )
