@@ -211,9 +211,7 @@ class LatentPredictor(LatentPredictorBase):
         pick = (rank + torch.arange(batch_size, device=device).unsqueeze(1) * k).view(-1)
         codes, lengths = codes[pick], lengths[pick]
         width = max(1, int(lengths.max()))
-        codes = codes[:, :width].clamp(max=self.num_codes - 1)
-        if codes.size(1) < width:
-            codes = F.pad(codes, (0, width - codes.size(1)))
+        codes = codes[:, :width].clamp(max=self.num_codes - 1)  # every step appended a column: >= width
         padding_mask = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
         return codes.masked_fill(padding_mask, 0), padding_mask, model[pick]
 

@@ -45,7 +45,7 @@ from .latent_predictor import LatentPredictor
 from .options import check_args
 from .parallel_decoder import ParallelDecoder
 from .parallel_latent_predictor import ParallelLatentPredictor
-from .presets import apply_size
+from .presets import apply_size, set_unset
 from .signature import check_signature, signature
 
 logger = logging.getLogger(__name__)
@@ -169,16 +169,12 @@ class LatentTransformerModel(FairseqEncoderDecoderModel):
 
 
 class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecoder):
-    """The modules of the target autoencoder (``autoencoder.py``: compressor + bottleneck), the latent predictor
-    (``latent_predictor.py`` / ``parallel_latent_predictor.py``) and the parallel decoder (``parallel_decoder.py``),
-    trained on the curriculum of ``curriculum.py``; its training forward is the loss contract of ``latent_vq``."""
+    """The modules and training forward of the Latent Transformer's decoder side (see module docstring)."""
 
     def __init__(self, args, dictionary, embed_tokens):
         super().__init__(dictionary)
         dim = args.decoder_embed_dim
-        self.args = args
         self.padding_idx = dictionary.pad()
-        self.eos = dictionary.eos()
         self.nc = args.num_compress_steps
         self.factor = 1 << self.nc
         self.max_target_positions = args.max_target_positions
@@ -282,17 +278,10 @@ class LatentDecoder(TargetAutoencoder, ParallelDecoder, Curriculum, FairseqDecod
         return self.max_target_positions
 
 
-def _latent_defaults(args, **defaults):
-    """The one default idiom of the architectures: set each option the command line left unset (or None)."""
-    for k, v in defaults.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-
-
 @register_model_architecture("latent_transformer", "latent_transformer")
 def base_architecture(args):
     """Paper base (Roy et al. §5.1): d=512, 6+6 layers, 8 heads, ffn 2048, K=2^12 codes, nc=3, m=10."""
-    _latent_defaults(
+    set_unset(
         args,
         num_compress_steps=3,
         bottleneck="em",
@@ -333,7 +322,7 @@ def latent_transformer_tiny(args):
     below 0.1 (with the paper's 0.999 and no re-seeding every code but one or two dies within a few hundred
     updates at this budget)."""
     apply_size(args, "tiny")  # vq_nat.models.presets: the one definition of the tiny size
-    _latent_defaults(args, num_codes=512, num_compress_steps=1, mask_startup_steps=400, latent_layers=1,
+    set_unset(args, num_codes=512, num_compress_steps=1, mask_startup_steps=400, latent_layers=1,
                      codebook_decay=0.99, dead_code_threshold=0.1)
     base_architecture(args)
 
@@ -345,5 +334,5 @@ def latent_transformer_tiny_onepass(args):
     costs little), trained with glancing on the latents (R=0.5). K=64 codes: on Multi30k valid with greedy
     decoding K=64 was ahead of K=512 at 2,000 and 4,000 updates (examples/multi30k/README.md). Decoding has no
     sequential loop."""
-    _latent_defaults(args, latent_predictor="parallel", num_codes=64, latent_layers=3)
+    set_unset(args, latent_predictor="parallel", num_codes=64, latent_layers=3)
     latent_transformer_tiny(args)

@@ -28,7 +28,7 @@ class ParallelDecoder:
         (t2t: ``mask = masking < U``), then shifted right into a causal transformer decoder. The decoder is causal,
         so positions past ``length`` (the batch's longest target, or the decoding budget) would not change the
         earlier ones: they are not computed."""
-        d, pad = self.decompress(latents, latent_pad)
+        d, pad = self.decompressor(latents.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad)  # pad: None if none
         if gold is not None and masking < 1.0:
             use_gold = torch.rand(d.shape[:2], device=d.device) >= masking
             d = torch.where(use_gold.unsqueeze(-1), self.embed(gold).to(d.dtype), d)
@@ -44,10 +44,6 @@ class ParallelDecoder:
             x, _, _ = layer(x, enc, enc_mask, self_attn_mask=mask, self_attn_padding_mask=pad)
         x = x.transpose(0, 1)
         return x if self.layer_norm is None else self.layer_norm(x)
-
-    def decompress(self, latents: Tensor, latent_pad: Tensor):
-        """``Decompressor`` output (B, L * 2^nc, H) and its padding mask (None: nothing padded)."""
-        return self.decompressor(latents.masked_fill(latent_pad.unsqueeze(-1), 0.0), latent_pad)
 
     def output_layer(self, features):
         weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection.weight

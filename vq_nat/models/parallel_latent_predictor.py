@@ -12,7 +12,6 @@ input instead of the copy, and the second pass is trained on the other positions
 glanced: encode, predict the length, one latent pass, one decoder pass. Its output layer has the K codes only:
 there is no END symbol, the length classifier decides the number of latents.
 """
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -43,8 +42,6 @@ class ParallelLatentPredictor(LatentPredictorBase):
     def __init__(self, args, num_layers: int, num_codes: int, num_blocks: int, max_latents: int,
                  glancing_ratio: float = 0.5):
         super().__init__(args, num_layers, num_codes, num_blocks, max_latents, num_codes)
-        if not 0.0 <= glancing_ratio <= 1.0 or math.isnan(glancing_ratio):
-            raise ValueError(f"--latent-glancing-ratio must be in [0, 1], got {glancing_ratio}")
         self.glancing_ratio = glancing_ratio
         dim = args.decoder_embed_dim
         self.length_output = nn.Linear(dim, max_latents + 1)  # classes 0..max_latents (0: never a target)

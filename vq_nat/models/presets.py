@@ -59,11 +59,16 @@ def size_flags(name: str, encoder_layers: Optional[int] = None, decoder_layers: 
     return out
 
 
-def apply_size(args, name: str, encoder_layers: Optional[int] = None, decoder_layers: Optional[int] = None) -> None:
-    """Inside a fairseq arch function: set each dimension of preset ``name`` that the command line left unset."""
-    for key, value in model_dims(name, encoder_layers, decoder_layers).items():
+def set_unset(args, **values) -> None:
+    """The one default idiom of the archs: set each option that the command line left unset (None)."""
+    for key, value in values.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+
+
+def apply_size(args, name: str, encoder_layers: Optional[int] = None, decoder_layers: Optional[int] = None) -> None:
+    """Inside a fairseq arch function: set each dimension of preset ``name`` that the command line left unset."""
+    set_unset(args, **model_dims(name, encoder_layers, decoder_layers))
 
 
 def register_teacher_archs() -> None:

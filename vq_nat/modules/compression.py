@@ -88,9 +88,7 @@ class ResidualConvBlock(nn.Module):
         y = _zero_pad(self.norm(x), padding_mask)
         for conv, norm in zip(self.convs, self.norms):
             y = _zero_pad(norm(conv_btc(torch.relu(y), conv)), padding_mask)
-        if self.training:
-            y = self.dropout(y)
-        return _zero_pad(x + y, padding_mask)
+        return _zero_pad(x + self.dropout(y), padding_mask)
 
 
 def _residual_stack(module: nn.Module, dim: int, steps: int, kernel_size: int, dropout: float, blocks: int) -> None:

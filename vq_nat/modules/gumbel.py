@@ -4,8 +4,7 @@ Follows tensor2tensor ``layers/discretization.py``: ``gumbel_sample``, ``gumbel_
 ``"gumbel-softmax"`` branch of ``discrete_bottleneck`` (logits ``dense(x, 2**z_size)``, back to the hidden size
 by ``dense(hot, hidden_size)``), with ``common_layers.inverse_lin_decay`` / ``inverse_exp_decay`` schedules.
 
-Also holds the small helpers shared with ``semhash.py`` (schedules, code-usage statistics).
-Plain PyTorch: no fairseq import.
+Also holds ``checked_input``, shared with ``semhash.py``. Plain PyTorch: no fairseq import.
 """
 import logging
 from typing import Optional

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import as_padding_mask, check_choice, check_codes, check_features, check_float, check_int
-from .distributed import all_reduce_sum, broadcast_, first_rank_with, is_distributed
+from .distributed import all_reduce_sum, broadcast_, first_rank_with
 from .output import QuantizerOutput, code_perplexity
 from .schedules import annealed_temperature
 
@@ -311,9 +311,8 @@ class VectorQuantizer(nn.Module):
         else:
             src = rows if m == 1 else rows.repeat_interleave(m, dim=0)
             sums = torch.zeros(b * k, d, device=x.device).index_add_(0, flat, src * w.unsqueeze(-1))
-        if is_distributed():
-            # every rank applies the union batch's statistics, so codebooks never diverge
-            counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
+        # every rank applies the union batch's statistics, so codebooks never diverge (no-op on one process)
+        counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
         if not bool(counts.sum() > 0):
             return  # an all-padding batch (on every rank): nothing observed, nothing to average in
         counts = counts.view(b, k)
@@ -331,8 +330,7 @@ class VectorQuantizer(nn.Module):
     def _reseed_dead_codes(self, x: torch.Tensor) -> None:
         """Codes whose EMA count fell below the threshold get a random recent encoder output (rank 0's)."""
         dead = self.ema_count < self.dead_code_threshold  # (B, K)
-        if is_distributed():
-            dead = all_reduce_sum(dead.float()) > 0
+        dead = all_reduce_sum(dead.float()) > 0  # dead on any rank
         if not dead.any():
             return
         b, k, d = self.embed.shape
@@ -341,8 +339,7 @@ class VectorQuantizer(nn.Module):
         else:
             pick = torch.randint(0, x.size(0), (b, k), device=x.device)
             fresh = x[pick, torch.arange(b, device=x.device).view(b, 1)]  # (B, K, d)
-        if is_distributed():
-            broadcast_(fresh, src=0)
+        broadcast_(fresh, src=0)
         dead3 = dead.unsqueeze(-1)
         self.embed.copy_(torch.where(dead3, fresh, self.embed))
         self.ema_sum.copy_(torch.where(dead3, fresh, self.ema_sum))
