@@ -53,12 +53,16 @@ class ParallelLatentPredictor(LatentPredictorBase):
         real positions (fairseq NAT's ``forward_length``)."""
         return self.length_output(_mean_pooling(*unpack_encoder_out(encoder_out)))
 
+    def length_lprobs(self, encoder_out: Dict) -> Tensor:
+        """log p(L | x), (B, max_latents + 1), in fp32."""
+        return F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)
+
     def top_lengths(self, encoder_out: Dict, max_latents: int, budgets: Optional[Tensor] = None,
                     beam: int = 1) -> Tuple[Tensor, Tensor]:
         """The ``beam`` most probable numbers of latents in 1..``max_latents`` (each ≤ its sentence's ``budgets``
         (B,), so that a sentence's latents do not depend on the batch) and their log-probabilities, (B, beam)
         each, best first. Where fewer lengths are allowed than ``beam``, the surplus has log-probability -inf."""
-        lprobs = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1)[:, 1 : max_latents + 1]
+        lprobs = self.length_lprobs(encoder_out)[:, 1 : max_latents + 1]
         if budgets is not None:
             allowed = torch.arange(1, lprobs.size(1) + 1, device=lprobs.device).unsqueeze(0) <= \
                 budgets.clamp(min=1).unsqueeze(1)
@@ -124,7 +128,7 @@ class ParallelLatentPredictor(LatentPredictorBase):
         if lengths is None:
             lengths, length_lp = (t[:, 0] for t in self.top_lengths(encoder_out, max_latents, budgets))
         else:
-            length_lp = F.log_softmax(self.length_logits(encoder_out).float(), dim=-1).gather(1, lengths[:, None])[:, 0]
+            length_lp = self.length_lprobs(encoder_out).gather(1, lengths[:, None])[:, 0]
         width = int(lengths.max())
         pad = torch.arange(width, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
         x = self._inputs(encoder_out, lengths, width)
